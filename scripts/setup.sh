@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Create .venv and install mmdit_probe with its test extras. torch is pinned first (CPU wheel on
+# these machines) so nothing downstream can pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
