@@ -95,7 +95,9 @@ def _tiny_vae(latent_channels: int) -> AutoencoderKL:
     )
 
 
-def _tiny_clip(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, hidden: int, proj: int) -> CLIPTextModelWithProjection:
+def _tiny_clip(
+    vocab_size: int, bos_id: int, eos_id: int, pad_id: int, hidden: int, proj: int
+) -> CLIPTextModelWithProjection:
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -161,6 +163,7 @@ def tiny_sd3_pipeline(
     replace the generated ones (e.g. a trained model); the text encoders are then sized from the
     transformer's ``joint_attention_dim`` and ``pooled_projection_dim``. ``with_t5=False`` leaves
     ``text_encoder_3``/``tokenizer_3`` as ``None`` (the pipeline then feeds zeros for T5).
+    All modules, supplied ones included, are put in eval mode and cast to ``torch_dtype``.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid variants are {', '.join(map(repr, VARIANTS))}")
@@ -200,7 +203,9 @@ def tiny_sd3_pipeline(
         for index, tok in ((2, tokenizer), (3, tokenizer_2)):
             _seed_component(seed, index)
             encoders.append(
-                _tiny_clip(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, clip_hidden, pooled_dim // 2)
+                _tiny_clip(
+                    len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, clip_hidden, pooled_dim // 2
+                )
             )
         text_encoder_3 = None
         if with_t5:
@@ -312,8 +317,11 @@ def load_pipeline(
             if name.lower() != "tiny" or variant not in VARIANTS:
                 raise ValueError(f"variant {variant!r} conflicts with {name!r}; valid variants are {VARIANTS}")
             tiny_variant = variant
-        pipe = tiny_sd3_pipeline(tiny_variant, **kwargs)
-        return pipe.to(device=device or "cpu", dtype=torch_dtype or torch.float32)
+        if torch_dtype is not None:
+            kwargs["torch_dtype"] = torch_dtype
+        if device is not None:
+            kwargs["device"] = device
+        return tiny_sd3_pipeline(tiny_variant, **kwargs)
 
     if local_files_only is None:
         local_files_only = _env_offline()

@@ -210,7 +210,7 @@ class AttentionRecorder:
             )
         if total > self.map_budget_bytes:
             raise MapBudgetError(
-                f"the requested full attention maps need {format_bytes(total)} (budget {format_bytes(self.map_budget_bytes)}, "
+                f"the requested full attention maps need {format_bytes(total)} ({total:,} bytes; budget {format_bytes(self.map_budget_bytes)}, "
                 f"{n_image} image and {info.n_text} text tokens, batch {info.batch}, {heads} heads). Narrow the "
                 f"MapSelection (fewer steps/layers/heads/batch rows, or a text quadrant instead of image->image) or "
                 f"raise map_budget_bytes. Nothing recorded so far is lost: rec.result holds it."

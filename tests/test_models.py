@@ -241,3 +241,21 @@ def test_local_folder_without_model_index(tmp_path):
     ckpt.write_bytes(b"")
     with pytest.raises(WeightsNotAvailableError, match="from_single_file"):
         load_pipeline(ckpt)
+
+
+def test_supplied_transformer_and_vae():
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=40,
+    )
+    donor = tiny_sd3_pipeline(seed=7)
+    pipe = tiny_sd3_pipeline(transformer=transformer, vae=donor.vae)
+    assert pipe.transformer is transformer and pipe.vae is donor.vae
+    assert pipe.text_encoder_3.config.d_model == 48
+    assert pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim == 40
+    out = _run(pipe, guidance_scale=3.0, height=16, width=24)
+    assert out.shape == (1, 3, 16, 24) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="latent_channels"):
+        tiny_sd3_pipeline(transformer=transformer, vae=AutoencoderKL(latent_channels=4))

@@ -1,0 +1,377 @@
+"""``describe(pipe)``: the anatomy of an SD3 / SD3.5 pipeline as a table, every entry read from the objects.
+
+Sections: ``components`` (class, parameters, dtype, device), ``text`` (per-encoder shapes, how CLIP-L
+and CLIP-G are joined and zero-padded to the T5 width, the joint text length), ``image`` (latent
+shape, VAE scale factor, patch size, image tokens), ``transformer`` (blocks, heads × head dim,
+``attn2``, qk-norm, ``context_pre_only``) and ``scheduler`` (class, shift, timesteps / sigmas).
+Shapes are per prompt (no batch dim). With a ``prompt`` the text shapes are *measured* by running
+the encoders and ``encode_prompt``; without one they are read from the configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .steps import schedule
+
+__all__ = ["DescriptionRow", "Description", "describe", "add_describe_arguments", "run_describe"]
+
+SECTIONS = ("components", "text", "image", "transformer", "scheduler")
+COLUMNS = ("section", "item", "value", "source")
+
+
+@dataclass(frozen=True)
+class DescriptionRow:
+    """One entry: ``value`` is a Python object (int, tuple shape, str, list); ``source`` says where it came from."""
+
+    section: str
+    item: str
+    value: Any
+    source: str
+
+
+@dataclass(frozen=True)
+class Description:
+    """The rows of :func:`describe`; ``.table`` / ``to_dataframe()`` as a DataFrame, ``str()`` as text."""
+
+    rows: tuple[DescriptionRow, ...]
+
+    @property
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame([(r.section, r.item, r.value, r.source) for r in self.rows], columns=list(COLUMNS))
+
+    def to_dataframe(self):
+        return self.table
+
+    def value(self, section: str, item: str) -> Any:
+        """The value of one entry; ``KeyError`` lists the items of that section."""
+        for r in self.rows:
+            if r.section == section and r.item == item:
+                return r.value
+        have = [r.item for r in self.rows if r.section == section]
+        raise KeyError(f"no item {item!r} in section {section!r}; items: {have}")
+
+    def section(self, name: str) -> dict[str, Any]:
+        return {r.item: r.value for r in self.rows if r.section == name}
+
+    def to_text(self, sources: bool = True) -> str:
+        lines: list[str] = []
+        width = max((len(r.item) for r in self.rows), default=0)
+        for sec in dict.fromkeys(r.section for r in self.rows):
+            lines.append(f"== {sec} ==")
+            for r in self.rows:
+                if r.section == sec:
+                    src = f"   [{r.source}]" if sources and r.source else ""
+                    lines.append(f"  {r.item:<{width}}  {format_value(r.value)}{src}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def _repr_html_(self) -> str:  # notebooks
+        return self.table.assign(value=self.table["value"].map(format_value)).to_html(index=False)
+
+
+def format_value(v: Any) -> str:
+    """Shapes as ``77×768``, big integers with thousands separators, floats short."""
+    if isinstance(v, torch.Size):
+        v = tuple(v)
+    if isinstance(v, tuple) and v and all(isinstance(x, int) for x in v):
+        return "×".join(str(x) for x in v)
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(format_value(x) for x in v) + "]"
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def call_default(pipe: Any, name: str) -> Any:
+    """Default of a ``pipe(...)`` keyword, read from its signature."""
+    return inspect.signature(type(pipe).__call__).parameters[name].default
+
+
+def _module_rows(name: str, module: Any) -> list[DescriptionRow]:
+    if module is None:
+        return [DescriptionRow("components", name, None, f"pipe.{name} is None (omitted)")]
+    rows = [DescriptionRow("components", f"{name}.class", type(module).__name__, f"type(pipe.{name})")]
+    if isinstance(module, torch.nn.Module):
+        params = list(module.parameters())
+        first = params[0] if params else None
+        rows += [
+            DescriptionRow("components", f"{name}.parameters", sum(p.numel() for p in params), "sum of p.numel()"),
+            DescriptionRow("components", f"{name}.dtype", str(first.dtype) if first is not None else None, "first parameter"),
+            DescriptionRow("components", f"{name}.device", str(first.device) if first is not None else None, "first parameter"),
+        ]
+    elif hasattr(module, "__len__") and "tokenizer" in name:
+        rows.append(DescriptionRow("components", f"{name}.vocab", len(module), f"len(pipe.{name})"))
+    return rows
+
+
+def _component_rows(pipe: Any) -> list[DescriptionRow]:
+    rows: list[DescriptionRow] = []
+    for name, module in pipe.components.items():
+        if module is None and name in ("image_encoder", "feature_extractor"):
+            continue  # IP-adapter parts, absent in every SD3 checkpoint
+        rows += _module_rows(name, module)
+    return rows
+
+
+def _encoder_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def _measure_clip(pipe: Any, index: int, prompt: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(hidden_states[-2] shape, text_embeds shape)`` of CLIP ``index`` (0 = L, 1 = G), batch dim dropped."""
+    tok = (pipe.tokenizer, pipe.tokenizer_2)[index]
+    enc = (pipe.text_encoder, pipe.text_encoder_2)[index]
+    ids = tok(prompt, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    out = enc(ids.to(_encoder_device(enc)), output_hidden_states=True)
+    return tuple(out.hidden_states[-2].shape[1:]), tuple(out.text_embeds.shape[1:])
+
+
+@torch.no_grad()
+def _measure_t5(pipe: Any, prompt: str, length: int) -> tuple[int, ...]:
+    ids = pipe.tokenizer_3(prompt, padding="max_length", max_length=length, truncation=True,
+                           add_special_tokens=True, return_tensors="pt").input_ids
+    return tuple(pipe.text_encoder_3(ids.to(_encoder_device(pipe.text_encoder_3)))[0].shape[1:])
+
+
+def _text_rows(pipe: Any, prompt: str | None, max_sequence_length: int) -> list[DescriptionRow]:
+    tcfg = pipe.transformer.config
+    n_clip = int(pipe.tokenizer_max_length)
+    has_t5 = pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None
+    rows: list[DescriptionRow] = []
+    measured = prompt is not None
+    clip_shapes = []
+    for index, (label, attr) in enumerate((("CLIP-L", "text_encoder"), ("CLIP-G", "text_encoder_2"))):
+        enc = getattr(pipe, attr)
+        if measured:
+            hidden, pooled = _measure_clip(pipe, index, prompt)
+            src = f"measured: {attr}(ids, output_hidden_states=True)"
+        else:
+            hidden, pooled = (n_clip, enc.config.hidden_size), (enc.config.projection_dim,)
+            src = f"config: {attr}.config.hidden_size / projection_dim; tokenizer_max_length"
+        clip_shapes.append((hidden, pooled))
+        rows += [
+            DescriptionRow("text", f"{label} hidden_states[-2]", hidden, src + ".hidden_states[-2]" if measured else src),
+            DescriptionRow("text", f"{label} pooled (text_embeds)", pooled, src + ".text_embeds" if measured else src),
+        ]
+    clip_width = clip_shapes[0][0][-1] + clip_shapes[1][0][-1]
+    if has_t5:
+        if measured:
+            t5 = _measure_t5(pipe, prompt, max_sequence_length)
+            t5_src = "measured: text_encoder_3(ids)[0]"
+        else:
+            t5 = (max_sequence_length, pipe.text_encoder_3.config.d_model)
+            t5_src = "config: max_sequence_length, text_encoder_3.config.d_model"
+    else:
+        t5 = (max_sequence_length, tcfg.joint_attention_dim)
+        t5_src = "T5 omitted: pipeline feeds zeros (max_sequence_length, transformer.config.joint_attention_dim)"
+    t5_width = t5[-1]
+    rows += [
+        DescriptionRow("text", "T5 present", has_t5, "pipe.text_encoder_3 / tokenizer_3 not None"),
+        DescriptionRow("text", "T5 hidden states" if has_t5 else "T5 zeros (omitted)", t5, t5_src),
+        DescriptionRow("text", "CLIP joined width (L ⊕ G)", clip_width, "concatenated on channels: hidden L + hidden G"),
+        DescriptionRow("text", "CLIP zero-padding", t5_width - clip_width,
+                       f"zero channels appended to reach the T5 width {t5_width}"),
+        DescriptionRow("text", "T5 length (max_sequence_length)", max_sequence_length, "pipe(max_sequence_length=)"),
+        DescriptionRow("text", "joint text length", clip_shapes[0][0][0] + t5[0],
+                       "CLIP positions + T5 positions (concatenated on the sequence)"),
+        DescriptionRow("text", "pooled (L ⊕ G)", (clip_shapes[0][1][-1] + clip_shapes[1][1][-1],),
+                       "concat of the pooled outputs -> time_text_embed"),
+        DescriptionRow("text", "context_embedder", (pipe.transformer.context_embedder.in_features,
+                                                    pipe.transformer.context_embedder.out_features),
+                       "transformer.context_embedder in/out features"),
+    ]
+    if measured:
+        with torch.no_grad():
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, do_classifier_free_guidance=False,
+                                                      max_sequence_length=max_sequence_length)
+        rows += [
+            DescriptionRow("text", "prompt_embeds", tuple(embeds.shape[1:]), "measured: pipe.encode_prompt"),
+            DescriptionRow("text", "pooled_prompt_embeds", tuple(pooled.shape[1:]), "measured: pipe.encode_prompt"),
+        ]
+        from .layout import TokenLayout
+
+        lay = TokenLayout.from_prompt(pipe, prompt, max_sequence_length=max_sequence_length)
+        rows.append(DescriptionRow("text", "token groups", lay.describe().split(", text ", 1)[-1],
+                                   "TokenLayout.from_prompt (tokenizers)"))
+    return rows
+
+
+def _image_grid(pipe: Any, height: int, width: int) -> tuple[tuple[int, ...], tuple[int, int]]:
+    f = pipe.vae_scale_factor
+    p = pipe.transformer.config.patch_size
+    latent = (pipe.vae.config.latent_channels, height // f, width // f)
+    return latent, (latent[1] // p, latent[2] // p)
+
+
+def _image_rows(pipe: Any, height: int, width: int, n_text: int) -> list[DescriptionRow]:
+    latent, grid = _image_grid(pipe, height, width)
+    vcfg = pipe.vae.config
+    return [
+        DescriptionRow("image", "height × width", (height, width), "argument or default_sample_size × vae_scale_factor"),
+        DescriptionRow("image", "vae_scale_factor", pipe.vae_scale_factor, "2 ** (len(vae.config.block_out_channels) - 1)"),
+        DescriptionRow("image", "latent shape", latent, "vae.config.latent_channels, height / f, width / f"),
+        DescriptionRow("image", "vae scaling / shift factor", (vcfg.scaling_factor, vcfg.shift_factor),
+                       "vae.config (latents = (z - shift) × scaling)"),
+        DescriptionRow("image", "patch size", pipe.transformer.config.patch_size, "transformer.config.patch_size"),
+        DescriptionRow("image", "patch grid", grid, "latent / patch size"),
+        DescriptionRow("image", "image tokens", grid[0] * grid[1], "patch grid h × w"),
+        DescriptionRow("image", "joint sequence length", grid[0] * grid[1] + n_text, "image tokens + joint text length"),
+    ]
+
+
+def _transformer_rows(transformer: Any) -> list[DescriptionRow]:
+    blocks = transformer.transformer_blocks
+    attn = blocks[0].attn
+    heads, inner = attn.heads, attn.inner_dim
+
+    def norm_name(mod: Any, attr: str) -> str | None:
+        m = getattr(mod, attr, None)
+        return type(m).__name__ if m is not None else None
+
+    return [
+        DescriptionRow("transformer", "class", type(transformer).__name__, "type(pipe.transformer)"),
+        DescriptionRow("transformer", "blocks", len(blocks), "len(transformer.transformer_blocks)"),
+        DescriptionRow("transformer", "heads × head dim", f"{heads} × {inner // heads} = {inner}",
+                       "transformer_blocks[0].attn.heads, .inner_dim"),
+        DescriptionRow("transformer", "blocks with attn2", [i for i, b in enumerate(blocks) if getattr(b, "attn2", None) is not None],
+                       "blocks whose .attn2 is not None (image-only self-attention)"),
+        DescriptionRow("transformer", "qk-norm (image)", norm_name(attn, "norm_q"), "type(attn.norm_q)"),
+        DescriptionRow("transformer", "qk-norm (text)", norm_name(attn, "norm_added_q"), "type(attn.norm_added_q)"),
+        DescriptionRow("transformer", "context_pre_only blocks", [i for i, b in enumerate(blocks) if b.context_pre_only],
+                       "block.context_pre_only (text output discarded)"),
+        DescriptionRow("transformer", "joint_attention_dim", transformer.config.joint_attention_dim, "config"),
+        DescriptionRow("transformer", "pooled_projection_dim", transformer.config.pooled_projection_dim, "config"),
+        DescriptionRow("transformer", "pos_embed_max_size", transformer.config.pos_embed_max_size, "config"),
+    ]
+
+
+def _scheduler_rows(pipe: Any, steps: int, height: int, width: int) -> list[DescriptionRow]:
+    sch = pipe.scheduler
+    cfg = sch.config
+    sched = schedule(pipe, steps, height=height, width=width)
+    return [
+        DescriptionRow("scheduler", "class", type(sch).__name__, "type(pipe.scheduler)"),
+        DescriptionRow("scheduler", "shift", cfg.get("shift"), "scheduler.config.shift"),
+        DescriptionRow("scheduler", "dynamic shifting", bool(cfg.get("use_dynamic_shifting", False)),
+                       "scheduler.config.use_dynamic_shifting" + (f" (mu={sched.mu:.4g})" if sched.mu is not None else "")),
+        DescriptionRow("scheduler", "num_train_timesteps", cfg.get("num_train_timesteps"), "scheduler.config"),
+        DescriptionRow("scheduler", "num_inference_steps", steps, "argument or pipe(...) default"),
+        DescriptionRow("scheduler", "timesteps", [round(t, 2) for t in sched.timesteps],
+                       "set_timesteps on a deep copy of pipe.scheduler"),
+        DescriptionRow("scheduler", "sigmas", [round(s, 4) for s in sched.sigmas],
+                       "set_timesteps on a deep copy (last entry: the final, noise-free sigma)"),
+    ]
+
+
+def describe(
+    pipe: Any,
+    prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    max_sequence_length: int | None = None,
+    num_inference_steps: int | None = None,
+) -> Description:
+    """Components, text path, image path, MMDiT and scheduler of ``pipe``, read from the objects.
+
+    ``prompt`` runs the text encoders to measure the text shapes. ``height``/``width``,
+    ``max_sequence_length`` and ``num_inference_steps`` default to ``pipe(...)``'s defaults.
+    The pipeline is not modified (the scheduler is deep-copied).
+    """
+    f = pipe.vae_scale_factor
+    height = int(height or pipe.default_sample_size * f)
+    width = int(width or pipe.default_sample_size * f)
+    max_sequence_length = int(max_sequence_length or call_default(pipe, "max_sequence_length"))
+    steps = int(num_inference_steps or call_default(pipe, "num_inference_steps"))
+    text = _text_rows(pipe, prompt, max_sequence_length)
+    n_text = next(r.value for r in text if r.item == "joint text length")
+    rows = _component_rows(pipe) + text + _image_rows(pipe, height, width, n_text)
+    rows += _transformer_rows(pipe.transformer) + _scheduler_rows(pipe, steps, height, width)
+    return Description(tuple(rows))
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def add_describe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``mmdit-probe describe``."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="hub id, local diffusers folder or tiny name (default: the embedded default model)")
+    parser.add_argument("--prompt", default=None, help="run the text encoders on this prompt and report measured shapes")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 length (pipeline default 256)")
+    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps for the scheduler rows")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--format", default="text", choices=["text", "csv", "json"])
+    parser.add_argument("--no-sources", action="store_true", help="text format: hide the source column")
+    parser.add_argument("-o", "--output", default=None, help="write here instead of stdout")
+    return parser
+
+
+def _default_pipeline(dtype: torch.dtype | None, device: str | None) -> Any:
+    try:
+        from .cli import default_pipeline  # the trained shapes model, once the CLI provides it
+    except (ImportError, AttributeError):
+        from .models import tiny_sd3_pipeline
+
+        kw = {"torch_dtype": dtype} if dtype is not None else {}
+        return tiny_sd3_pipeline(**kw).to(device or "cpu")
+    pipe = default_pipeline()
+    if dtype is not None or device is not None:
+        pipe = pipe.to(device=device, dtype=dtype)
+    return pipe
+
+
+def run_describe(args: argparse.Namespace) -> int:
+    """Run ``mmdit-probe describe``: 0 on success, 2 when the weights are not available."""
+    from .models import WeightsNotAvailableError, load_pipeline
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        pipe = (_default_pipeline(dtype, args.device) if args.model is None
+                else load_pipeline(args.model, torch_dtype=dtype, device=args.device))
+    except WeightsNotAvailableError as err:
+        print(f"mmdit-probe describe: {err}", file=sys.stderr)
+        return 2
+    desc = describe(pipe, args.prompt, args.height, args.width, args.max_sequence_length, args.steps)
+    if args.format == "text":
+        out = desc.to_text(sources=not args.no_sources) + "\n"
+    else:
+        table = desc.table.assign(value=desc.table["value"].map(format_value))
+        out = table.to_csv(index=False) if args.format == "csv" else table.to_json(orient="records", indent=1) + "\n"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(out)
+    else:
+        sys.stdout.write(out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m mmdit_probe.describe``)."""
+    return run_describe(add_describe_arguments(argparse.ArgumentParser(prog="mmdit-probe describe")).parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
