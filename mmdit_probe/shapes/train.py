@@ -1,0 +1,278 @@
+"""Train the shapes-world SD3 model: VAE first, then the MMDiT with SD3 rectified-flow matching.
+
+``python -m mmdit_probe.shapes.train --out DIR [--minutes M] [--resume] [--ship]``
+
+Resumable: the transformer phase checkpoints every ``--ckpt-minutes`` into ``DIR``; ``--resume``
+continues from the last checkpoint (step counter, optimiser, EMA and elapsed time). ``--minutes``
+is the total time budget of the transformer phase; ``--max-steps`` stops after a fixed number of
+steps instead (then the learning-rate schedule follows steps, so a run is repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .model import ASSET_DIR, ModelConfig, build_pipeline, build_transformer, build_vae, save_assets
+from .world import all_captions, make_batch
+
+__all__ = ["TrainConfig", "train", "train_main", "build_parser"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters (minutes are wall-clock budgets)."""
+
+    out: str = "shapes_run"
+    minutes: float = 28.0
+    max_steps: int = 0
+    vae_minutes: float = 4.0
+    n_scenes: int = 30000
+    batch: int = 64
+    vae_batch: int = 32
+    lr: float = 4e-4
+    vae_lr: float = 1e-3
+    warmup: int = 150
+    ema: float = 0.998
+    caption_dropout: float = 0.1
+    ckpt_minutes: float = 3.0
+    seed: int = 0
+    log_every: int = 25
+
+
+def _images_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().mul(2).sub(1)
+
+
+def train_vae(vae, images: torch.Tensor, tc: TrainConfig, log) -> float:
+    """Train ``vae`` on ``images`` (``[N,3,H,W]`` in -1…1) for ``tc.vae_minutes``; return final MSE."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=tc.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(tc.seed + 17)
+    start, step, mse_avg = time.time(), 0, None
+    bar = tqdm(desc="vae", unit="step", file=sys.stdout, mininterval=5)
+    vae.train()
+    while time.time() - start < tc.vae_minutes * 60:
+        x = images[torch.randint(len(images), (tc.vae_batch,), generator=g)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        weight = 1.0 + 4.0 * (x > -0.5).any(1, keepdim=True).float()  # object pixels count 5x
+        mse = (rec - x).pow(2).mean()
+        loss = ((rec - x).pow(2) * weight).mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        mse_avg = mse.item() if mse_avg is None else 0.95 * mse_avg + 0.05 * mse.item()
+        bar.update(1)
+        if step % tc.log_every == 0:
+            bar.set_postfix(mse=f"{mse_avg:.4f}")
+            log(f"vae step {step} mse {mse_avg:.4f}")
+    bar.close()
+    vae.eval()
+    return float(mse_avg or 0.0)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (fp16)."""
+    means, stds = [], []
+    for i in range(0, len(images), chunk):
+        d = vae.encode(images[i:i + chunk]).latent_dist
+        means.append(d.mean.half())
+        stds.append(d.std.half())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen text embeddings ``[n, 77+max_len, D]`` and pooled ``[n, P]`` for ``captions``."""
+    embs, pooled = [], []
+    for i in range(0, len(captions), 64):
+        e, _, p, _ = pipe.encode_prompt(captions[i:i + 64], None, None, do_classifier_free_guidance=False,
+                                        max_sequence_length=max_len)
+        embs.append(e.float())
+        pooled.append(p.float())
+    return torch.cat(embs), torch.cat(pooled)
+
+
+def _lr_factor(tc: TrainConfig, step: int, elapsed: float) -> float:
+    warm = min(1.0, (step + 1) / tc.warmup)
+    progress = step / tc.max_steps if tc.max_steps else elapsed / max(tc.minutes * 60, 1e-9)
+    return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def sample_sigmas(n: int, shift: float, g: torch.Generator) -> torch.Tensor:
+    """SD3 logit-normal sigmas (mean 0, std 1), shifted like the inference scheduler."""
+    s = torch.sigmoid(torch.randn(n, generator=g))
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def _save_ckpt(out: Path, transformer, ema, opt, step: int, elapsed: float, losses: list[float]) -> None:
+    tmp = out / "ckpt.tmp"
+    tmp.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(tmp / "transformer.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+    torch.save({"opt": opt.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed": elapsed, "losses": losses[-200:]}))
+    final = out / "ckpt"
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = False, ship: bool = False) -> dict:
+    """Run both phases into ``tc.out``; return a summary dict (also written to ``summary.json``)."""
+    torch.set_num_threads(2)
+    out = Path(tc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "train.log", "a")
+
+    def log(msg: str) -> None:
+        logf.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+        logf.flush()
+
+    t0 = time.time()
+    batch = make_batch(tc.n_scenes, tc.seed, split="train")
+    images = _images_tensor(batch.images)
+    log(f"world: {len(images)} scenes in {time.time() - t0:.1f}s")
+
+    torch.manual_seed(tc.seed)
+    vae = build_vae(mc)
+    vae_file = out / "vae.safetensors"
+    if resume and vae_file.exists():
+        vae.load_state_dict(load_file(str(vae_file)))
+        vae_mse = json.loads((out / "vae.json").read_text())["mse"]
+        vae.eval()
+    else:
+        vae_mse = train_vae(vae, images, tc, log)
+        save_file(vae.state_dict(), str(vae_file))
+        (out / "vae.json").write_text(json.dumps({"mse": vae_mse}))
+    log(f"vae mse {vae_mse:.4f}")
+    t1 = time.time()
+    mean, std = encode_latents(vae, images)
+    shift_f = float(mean.float().mean())
+    scale_f = float(1.0 / mean.float().std())
+    vae.register_to_config(scaling_factor=scale_f, shift_factor=shift_f)
+    log(f"latents encoded in {time.time() - t1:.1f}s shift {shift_f:.4f} scale {scale_f:.4f}")
+
+    torch.manual_seed(tc.seed + 1)
+    transformer = build_transformer(mc)
+    pipe = build_pipeline(mc, transformer, vae)
+    captions = all_captions()
+    cap_index = {c: i for i, c in enumerate(captions)}
+    emb, pooled = encode_captions(pipe, captions + [""], mc.max_sequence_length)
+    null = len(captions)
+    cap_ids = torch.tensor([cap_index[c] for c in batch.captions])
+    del batch
+
+    ema = copy.deepcopy(transformer).requires_grad_(False)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=tc.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step, elapsed, losses = 0, 0.0, []
+    if resume and (out / "ckpt" / "state.json").exists():
+        ck = out / "ckpt"
+        transformer.load_state_dict(load_file(str(ck / "transformer.safetensors")))
+        ema.load_state_dict(load_file(str(ck / "ema.safetensors")))
+        opt.load_state_dict(torch.load(ck / "optimizer.pt")["opt"])
+        st = json.loads((ck / "state.json").read_text())
+        step, elapsed, losses = st["step"], st["elapsed"], st["losses"]
+        log(f"resumed at step {step} ({elapsed / 60:.1f} min)")
+    transformer.train()
+    bar = tqdm(desc="transformer", unit="step", initial=step, total=tc.max_steps or None, file=sys.stdout,
+               mininterval=5)
+    seg_start, last_ckpt = time.time(), time.time()
+    base_elapsed = elapsed
+    loss_avg = losses[-1] if losses else None
+    while True:
+        elapsed = base_elapsed + time.time() - seg_start
+        if (tc.max_steps and step >= tc.max_steps) or (not tc.max_steps and elapsed >= tc.minutes * 60):
+            break
+        g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
+        idx = torch.randint(len(cap_ids), (tc.batch,), generator=g)
+        lat = mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)
+        x0 = (lat - shift_f) * scale_f
+        noise = torch.randn(x0.shape, generator=g)
+        sig = sample_sigmas(tc.batch, mc.scheduler_shift, g)
+        xt = (1 - sig.view(-1, 1, 1, 1)) * x0 + sig.view(-1, 1, 1, 1) * noise
+        ci = cap_ids[idx].clone()
+        ci[torch.rand(tc.batch, generator=g) < tc.caption_dropout] = null
+        pred = transformer(hidden_states=xt, timestep=sig * 1000, encoder_hidden_states=emb[ci],
+                           pooled_projections=pooled[ci]).sample
+        loss = (pred - (noise - x0)).pow(2).mean()
+        for group in opt.param_groups:
+            group["lr"] = tc.lr * _lr_factor(tc, step, elapsed)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(tc.ema, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), transformer.parameters()):
+                pe.lerp_(p, 1 - d)
+        step += 1
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        bar.update(1)
+        if step % tc.log_every == 0:
+            losses.append(round(loss_avg, 5))
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+            log(f"step {step} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} elapsed {elapsed / 60:.1f}m")
+        if time.time() - last_ckpt > tc.ckpt_minutes * 60:
+            _save_ckpt(out, transformer, ema, opt, step, base_elapsed + time.time() - seg_start, losses)
+            last_ckpt = time.time()
+            log(f"checkpoint at step {step}")
+    bar.close()
+    elapsed = base_elapsed + time.time() - seg_start
+    _save_ckpt(out, transformer, ema, opt, step, elapsed, losses)
+    ema.eval()
+    final_pipe = build_pipeline(mc, ema, vae)
+    summary = {"steps": step, "transformer_minutes": round(elapsed / 60, 2), "final_loss": loss_avg,
+               "vae_mse": vae_mse, "train": dataclasses.asdict(tc),
+               "total_wall_minutes_this_run": round((time.time() - t0) / 60, 2)}
+    save_assets(final_pipe, mc, out / "final", extra={"training": summary})
+    if ship:
+        save_assets(final_pipe, mc, ASSET_DIR, extra={"training": summary})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"done: {summary}")
+    logf.close()
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of ``train-shapes``."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="mmdit-probe train-shapes", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log, final weights)")
+    p.add_argument("--minutes", type=float, default=d.minutes, help="transformer time budget (total, incl. resumed)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (0: use --minutes)")
+    p.add_argument("--vae-minutes", type=float, default=d.vae_minutes)
+    p.add_argument("--n-scenes", type=int, default=d.n_scenes)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--ckpt-minutes", type=float, default=d.ckpt_minutes)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--ship", action="store_true", help="also write the final weights into the package assets")
+    return p
+
+
+def train_main(argv: list[str] | None = None) -> dict:
+    """CLI entry point."""
+    a = build_parser().parse_args(argv)
+    tc = TrainConfig(out=a.out, minutes=a.minutes, max_steps=a.max_steps, vae_minutes=a.vae_minutes,
+                     n_scenes=a.n_scenes, batch=a.batch, ckpt_minutes=a.ckpt_minutes, seed=a.seed)
+    return train(tc, resume=a.resume, ship=a.ship)
+
+
+if __name__ == "__main__":
+    train_main()
