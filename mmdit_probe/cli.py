@@ -119,11 +119,27 @@ def default_pipeline(**kwargs: Any):
 
         try:
             return shapes_pipeline(**kwargs)
-        except (FileNotFoundError, OSError, WeightsNotAvailableError):
-            pass
+        except (FileNotFoundError, WeightsNotAvailableError):
+            pass  # weights not shipped in this checkout
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            import warnings
+
+            warnings.warn(f"shapes model could not be loaded ({err}); using the random tiny pipeline", stacklevel=2)
     from .models import tiny_sd3_pipeline
 
     return tiny_sd3_pipeline(**kwargs)
+
+
+def default_run_kwargs(pipe: Any, embedded: bool = True) -> dict[str, Any]:
+    """``num_inference_steps``, ``guidance_scale`` and ``max_sequence_length`` that suit ``pipe``:
+    the trained values for the shapes model, small ones for other embedded models, SD3 defaults otherwise."""
+    cfg = getattr(pipe, "shapes_config", None)
+    if cfg is not None:
+        return {"num_inference_steps": cfg.default_steps, "guidance_scale": cfg.default_guidance,
+                "max_sequence_length": cfg.max_sequence_length}
+    if embedded:
+        return {"num_inference_steps": 8, "guidance_scale": 5.0, "max_sequence_length": 16}
+    return {"num_inference_steps": 28, "guidance_scale": 5.0, "max_sequence_length": 256}
 
 
 def is_embedded(model: str) -> bool:
@@ -171,26 +187,28 @@ def add_model_arguments(p: argparse.ArgumentParser, *, steps_help: str = "") -> 
     g.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu / as loaded)")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
     g.add_argument("--steps", type=_positive_int, default=None,
-                   help="denoising steps (default: 8 for embedded models, 28 otherwise)" + steps_help)
+                   help="denoising steps (default: the shapes model's trained value, 8 for tiny models, 28 otherwise)"
+                        + steps_help)
     g.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     g.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
-    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1 disables CFG)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, <= 1 disables CFG (default: 4 for shapes, 5 otherwise)")
     g.add_argument("--max-sequence-length", type=_positive_int, default=None,
-                   help="T5 tokens (default: 16 for embedded models, 256 otherwise)")
+                   help="T5 tokens (default: the shapes model's 12, 16 for tiny models, 256 otherwise)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def generation_kwargs(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
-    """Keyword arguments for ``pipe(...)`` from the shared options."""
+def generation_kwargs(args: argparse.Namespace, prompt: str, pipe: Any = None) -> dict[str, Any]:
+    """Keyword arguments for ``pipe(...)`` from the shared options (unset ones from :func:`default_run_kwargs`)."""
     import torch
 
-    embedded = is_embedded(args.model)
+    base = default_run_kwargs(pipe, embedded=is_embedded(args.model))
     kw: dict[str, Any] = {
         "prompt": prompt,
-        "num_inference_steps": args.steps or (8 if embedded else 28),
-        "guidance_scale": args.guidance,
-        "max_sequence_length": args.max_sequence_length or (16 if embedded else 256),
+        "num_inference_steps": args.steps or base["num_inference_steps"],
+        "guidance_scale": base["guidance_scale"] if args.guidance is None else args.guidance,
+        "max_sequence_length": args.max_sequence_length or base["max_sequence_length"],
         "generator": torch.Generator("cpu").manual_seed(args.seed),
     }
     if args.height:

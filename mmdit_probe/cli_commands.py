@@ -34,13 +34,13 @@ def record_run(args: argparse.Namespace, *, groups: bool, words: bool, entropy: 
 
     pipe = get_pipeline(args.model, device=args.device, dtype=args.dtype)
     set_progress(pipe, args)
-    kw = generation_kwargs(args, args.prompt)
+    kw = generation_kwargs(args, args.prompt, pipe)
     with AttentionRecorder(pipe, groups=groups, words=words, entropy=entropy, key_mass=key_mass,
                            maps=maps or None) as rec:
         image = pipe(**kw).images[0]
     res = rec.result
     res.meta["run"] = {"prompt": args.prompt, "model": args.model, "steps": kw["num_inference_steps"],
-                       "seed": args.seed, "guidance": args.guidance, "max_sequence_length": kw["max_sequence_length"],
+                       "seed": args.seed, "guidance": kw["guidance_scale"], "max_sequence_length": kw["max_sequence_length"],
                        "height": image.size[1], "width": image.size[0]}
     return res, image
 

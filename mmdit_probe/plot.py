@@ -74,7 +74,7 @@ def quadrant_map(res, branch: str | None = "cond", attention: str = "attn", *, a
     table = res.quadrant_table(by=("layer", "step"), branch=branch, attention=attention)
     quads = [q for q in QUADRANTS if q in table.columns]
     if axes is None:
-        fig, axs = plt.subplots(2, 2, figsize=(10, 7.5), sharex=True, sharey=True, constrained_layout=True)
+        fig, axs = plt.subplots(2, 2, figsize=(10, 7.5), constrained_layout=True)
         axs = list(np.ravel(axs))
     else:
         axs = list(np.ravel(axes))

@@ -66,7 +66,9 @@ class ProbeProcessor:
     Edits are objects with any of: ``edit_qkv(call, q, k, v) -> (q, k, v)``,
     ``edit_attention(call, q, k, v, out, lse) -> (out, lse)``, ``edit_heads(call, out) -> out``
     (``out [B, H, N, D]`` before the heads are merged), ``edit_streams(call, image, text) ->
-    (image, text)`` on the projected outputs.
+    (image, text)`` on the projected outputs, and ``observed_qk(call, q, k) -> (q, k)``: the ``q, k``
+    observers see (edits that restrict which keys a query may attend to encode that restriction
+    there, so recorded statistics describe the edited attention; the kernel never sees them).
     """
 
     def __init__(self, site: Site, controller: "ProbeController"):
@@ -118,8 +120,13 @@ class ProbeProcessor:
             for edit in self.edits:
                 if hasattr(edit, "edit_attention"):
                     out, lse = edit.edit_attention(call, query, key, value, out, lse)
-            for obs in self.observers:
-                obs.observe(call, query, key, value, out, lse)
+            if self.observers:
+                obs_q, obs_k = query, key
+                for edit in self.edits:
+                    if hasattr(edit, "observed_qk"):
+                        obs_q, obs_k = edit.observed_qk(call, obs_q, obs_k)
+                for obs in self.observers:
+                    obs.observe(call, obs_q, obs_k, value, out, lse)
         else:
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         for edit in self.edits:

@@ -47,19 +47,30 @@ def attention_with_lse(
 
 
 def _cuda_attention_with_lse(q, k, v, scale):
+    """Run the kernel ``F.scaled_dot_product_attention`` would pick, asking it for the LSE.
+
+    ``torch._fused_sdp_choice`` names the backend SDPA dispatches to for these inputs; calling the
+    same kernel keeps the output bitwise equal to the unhooked run. Kernels pad the LSE
+    (efficient: to a multiple of 32 queries; cuDNN: a trailing 1) — trimmed here.
+    """
+    from torch.nn.attention import SDPBackend
+
     n_q = q.shape[-2]
-    if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] == v.shape[-1]:
-        try:
-            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-            return res[0], res[1][..., :n_q].float()
-        except RuntimeError:
-            pass
+    choice = SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale))
     try:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)[:2]
-        return out, lse[..., :n_q].float()
-    except RuntimeError as err:  # pragma: no cover - depends on the GPU
-        _warn_once("cuda", f"fused LSE kernels unavailable ({err}); using a slower exact fallback")
+        if choice == SDPBackend.FLASH_ATTENTION:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+        elif choice == SDPBackend.EFFICIENT_ATTENTION:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)[:2]
+        elif choice == SDPBackend.CUDNN_ATTENTION:
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+        else:
+            raise RuntimeError(f"SDPA chose {choice.name}, which returns no log-sum-exp")
+    except RuntimeError as err:  # pragma: no cover - depends on the GPU and shapes
+        _warn_once(f"cuda-{choice.name}", f"fused LSE kernel unavailable ({err}); using a slower exact fallback")
         return F.scaled_dot_product_attention(q, k, v, scale=scale), blockwise_lse(q, k, scale)
+    lse = lse.reshape(*lse.shape[:2], -1)[..., :n_q] if lse.dim() == 4 else lse[..., :n_q]
+    return out, lse.float()
 
 
 def blockwise_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, block: int = 1024) -> torch.Tensor:

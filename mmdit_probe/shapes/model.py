@@ -33,7 +33,7 @@ class ModelConfig:
     patch_size: int = 2
     latent_channels: int = 16
     latent_size: int = 16
-    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_channels: tuple[int, ...] = (8, 16, 32)
     max_sequence_length: int = 12
     scheduler_shift: float = 1.0
     encoder_seed: int = 0

@@ -37,14 +37,14 @@ class TrainConfig:
     """Training hyper-parameters (minutes are wall-clock budgets)."""
 
     out: str = "shapes_run"
-    minutes: float = 28.0
+    minutes: float = 27.0
     max_steps: int = 0
     vae_minutes: float = 4.0
     n_scenes: int = 30000
-    batch: int = 64
-    vae_batch: int = 32
+    batch: int = 32
+    vae_batch: int = 16
     lr: float = 4e-4
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     warmup: int = 150
     ema: float = 0.998
     caption_dropout: float = 0.1

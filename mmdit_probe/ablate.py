@@ -1,0 +1,324 @@
+"""``intervene``: apply ablation specs to a pipeline or bare transformer, restore it on exit.
+
+>>> with mp.intervene(pipe, mp.ZeroText(layers=range(6, 12)), mp.KnockOut("image->text", layers=[3])):
+...     ablated = pipe(prompt, generator=torch.manual_seed(0)).images[0]
+
+Specs compose; each is validated (and the set checked for contradictions) before anything runs, and
+run-dependent checks (step count, CFG rows, prompt words) happen on the first transformer call,
+before any block computes. Whole-block skips pass diffusers' own ``skip_layers``; other block-level
+specs are forward (pre-)hooks on ``JointTransformerBlock`` / its ``attn``; attention-level specs are
+edits of the :class:`~mmdit_probe.processors.ProbeProcessor`, so an ``AttentionRecorder`` inside the
+``with`` block records the ablated attention. Steps count transformer calls since entering.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .ablate_calls import AblationError, CallState, CallTracker, block_inputs, put_rows, replace_block_input
+from .ablate_specs import AblateHeads, KnockOut, Patch, SkipLayers, Spec, ZeroText, check_conflicts
+from .layout import TokenLayout
+from .processors import resolve_transformer
+from .stats import attention_with_lse
+
+# logit penalty (before the softmax scale) that observers see on knocked-out query/key pairs
+_PENALTY = {torch.float16: 3.0e4}
+_DEFAULT_PENALTY = 1.0e9
+
+
+class Intervention:
+    """Context manager applying ``specs`` (see :func:`intervene`)."""
+
+    def __init__(self, model: Any, specs: Sequence[Spec], *, layout: TokenLayout | Sequence[TokenLayout] | None = None,
+                 branches: Sequence[str] | None = None):
+        self.model = model
+        self.transformer = resolve_transformer(model)
+        self.specs = tuple(specs)
+        for s in self.specs:
+            if not isinstance(s, Spec):
+                raise TypeError(f"intervene takes ablation specs (SkipLayers, ZeroText, KnockOut, AblateHeads, Patch), got {type(s).__name__}")
+        self.layout, self.branches = layout, branches
+        self._tracker: CallTracker | None = None
+        self._hooks: list[Any] = []
+
+    # ---- enter / exit -------------------------------------------------------------------
+    def __enter__(self) -> "Intervention":
+        if self._tracker is not None:
+            raise RuntimeError("this intervention is already active")
+        for s in self.specs:
+            s.validate(self.transformer)
+        check_conflicts(self.specs, self.transformer)
+        self._check_layout_now()
+        self._tracker = CallTracker(self.model, self, layout=self.layout, branches=self.branches, on_call=self._on_call)
+        self._tracker.start()
+        try:
+            for spec in self.specs:
+                self._install(spec)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for h in reversed(self._hooks):
+                h.remove()
+        finally:
+            self._hooks = []
+            if self._tracker is not None:
+                self._tracker.stop()  # releases the controller: edits owned by self go with it
+            self._tracker = None
+
+    @property
+    def state(self) -> CallState | None:
+        return self._tracker.state if self._tracker is not None else None
+
+    def _check_layout_now(self) -> None:
+        """With an explicit layout, prompt words can be checked before any call."""
+        if self.layout is None:
+            return
+        rows = [self.layout] if isinstance(self.layout, TokenLayout) else list(self.layout)
+        for s in self.specs:
+            if isinstance(s, ZeroText) and s.needs_layout:
+                state = CallState(0, len(rows), ("cond",) * len(rows), tuple(rows), None, False)
+                ZeroText.check_call(s.__class__(groups=s.groups, words=s.words), state)
+
+    def _on_call(self, state: CallState) -> None:
+        for s in self.specs:
+            s.check_call(state)
+
+    # ---- installation -------------------------------------------------------------------
+    def _install(self, spec: Spec) -> None:
+        tr = self.transformer
+        if isinstance(spec, SkipLayers):
+            if spec.mode == "block" and spec.branch is None:
+                self._hooks.append(tr.register_forward_pre_hook(self._skip_hook(spec), with_kwargs=True))
+            elif spec.mode in ("block", "image"):
+                for l in spec.layers:
+                    self._hooks.append(tr.transformer_blocks[l].register_forward_hook(self._passthrough_hook(spec), with_kwargs=True))
+            else:
+                self._add_edits(spec, _ZeroAttentionEdit, attentions=("attn", "attn2"))
+        elif isinstance(spec, ZeroText):
+            if spec.pooled:
+                self._hooks.append(tr.register_forward_pre_hook(self._pooled_hook(spec, None), with_kwargs=True))
+            else:
+                for l in spec.layer_list(tr):
+                    self._hooks.append(tr.transformer_blocks[l].register_forward_pre_hook(self._zero_text_hook(spec), with_kwargs=True))
+        elif isinstance(spec, KnockOut):
+            self._add_edits(spec, _KnockOutEdit, attentions=("attn",))
+        elif isinstance(spec, AblateHeads):
+            self._add_edits(spec, _HeadEdit, attentions=(spec.attention,))
+        elif isinstance(spec, Patch):
+            if spec.stream == "pooled":
+                self._hooks.append(tr.register_forward_pre_hook(self._pooled_hook(spec, spec.source), with_kwargs=True))
+            for l in spec.layer_list(tr):
+                block = tr.transformer_blocks[l]
+                if spec.stream == "attention":
+                    self._hooks.append(block.attn.register_forward_hook(self._patch_attention_hook(spec, l)))
+                else:
+                    self._hooks.append(block.register_forward_hook(self._patch_block_hook(spec, l)))
+        else:  # pragma: no cover - Spec subclasses are all handled above
+            raise TypeError(f"no installer for {type(spec).__name__}")
+
+    def _add_edits(self, spec: Spec, kind: type, attentions: tuple[str, ...]) -> None:
+        layers = set(spec.layer_list(self.transformer))
+        for proc in self._tracker.controller.processors.values():
+            if proc.site.layer in layers and proc.site.attention in attentions:
+                proc.edits.append(kind(self, spec))
+
+    def _rows(self, spec: Spec) -> tuple[int, ...] | None:
+        """Rows ``spec`` changes in the current call, or None when it is inactive."""
+        state = self.state
+        if state is None or not spec.active(state):
+            return None
+        return state.rows(spec.branch)
+
+    # ---- hooks --------------------------------------------------------------------------
+    def _skip_hook(self, spec: SkipLayers):
+        def hook(module, args, kwargs):
+            if self._rows(spec) is None:
+                return None
+            current = kwargs.get("skip_layers", args[7] if len(args) > 7 else None)
+            merged = sorted(set(current or ()) | set(spec.layers))
+            return replace_block_input(args, kwargs, "skip_layers", 7, merged)
+        return hook
+
+    def _passthrough_hook(self, spec: SkipLayers):
+        def hook(module, args, kwargs, output):
+            rows = self._rows(spec)
+            if rows is None:
+                return None
+            hs_in, ehs_in = block_inputs(args, kwargs)
+            text, image = output
+            image = put_rows(image, rows, hs_in)
+            if spec.mode == "block" and text is not None:
+                text = put_rows(text, rows, ehs_in)
+            return text, image
+        return hook
+
+    def _zero_text_hook(self, spec: ZeroText):
+        def hook(module, args, kwargs):
+            rows = self._rows(spec)
+            if rows is None:
+                return None
+            _, ehs = block_inputs(args, kwargs)
+            if not spec.needs_layout:
+                new = put_rows(ehs, rows, 0.0)
+            else:
+                new = ehs.clone()
+                for r in rows:
+                    pos = spec.positions(self.state.layouts[r])
+                    if pos:
+                        new[r, pos] = 0.0
+            return replace_block_input(args, kwargs, "encoder_hidden_states", 1, new)
+        return hook
+
+    def _pooled_hook(self, spec: Spec, source: Any):
+        def hook(module, args, kwargs):
+            rows = self._rows(spec)
+            if rows is None:
+                return None
+            pooled = kwargs.get("pooled_projections", args[2] if len(args) > 2 else None)
+            value = 0.0 if source is None else self._cached(spec, source.get(self.state.step, None, "pooled"), pooled)
+            return replace_block_input(args, kwargs, "pooled_projections", 2, put_rows(pooled, rows, value))
+        return hook
+
+    def _cached(self, spec: Patch, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if value.shape != like.shape:
+            raise AblationError(
+                f"{spec.describe()}: the source activation has shape {tuple(value.shape)} but this run has "
+                f"{tuple(like.shape)}; patch between runs with the same batch, size, CFG and max_sequence_length"
+            )
+        return value.to(device=like.device, dtype=like.dtype)
+
+    def _patch_block_hook(self, spec: Patch, layer: int):
+        def hook(module, args, output):
+            rows = self._rows(spec)
+            if rows is None:
+                return None
+            text, image = output
+            src = self._cached(spec, spec.source.get(self.state.step, layer, spec.stream), image if spec.stream == "image" else text)
+            if spec.stream == "image":
+                return text, put_rows(image, rows, src)
+            return put_rows(text, rows, src), image
+        return hook
+
+    def _patch_attention_hook(self, spec: Patch, layer: int):
+        def hook(module, args, output):
+            rows = self._rows(spec)
+            if rows is None:
+                return None
+            src = spec.source.get(self.state.step, layer, "attention")
+            return tuple(put_rows(o, rows, self._cached(spec, s, o)) for o, s in zip(output, src))
+        return hook
+
+
+# ---- attention-level edits (ProbeProcessor) ------------------------------------------------
+class _Edit:
+    def __init__(self, owner: Intervention, spec: Spec):
+        self.owner = owner  # the controller detaches edits by owner
+        self.spec = spec
+
+    def selection(self, call) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(rows, heads)`` index tensors this call changes, or None."""
+        rows = self.owner._rows(self.spec)
+        if rows is None:
+            return None
+        heads = getattr(self.spec, "heads", None)
+        heads = range(call.heads) if heads is None else heads
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(list(heads), dtype=torch.long)
+
+
+class _ZeroAttentionEdit(_Edit):
+    """``SkipLayers(mode="attention")``: the attention adds nothing to either stream."""
+
+    def edit_streams(self, call, image, text):
+        rows = self.owner._rows(self.spec)
+        if rows is None:
+            return image, text
+        return put_rows(image, rows, 0.0), None if text is None else put_rows(text, rows, 0.0)
+
+
+class _KnockOutEdit(_Edit):
+    """``KnockOut``: recompute the affected query rows over the allowed key stream only."""
+
+    def _streams(self, call) -> tuple[slice, slice, slice]:
+        q, k = self.spec.streams
+        sl = {"image": call.image_slice, "text": call.text_slice}
+        return sl[q], sl["text" if k == "image" else "image"], sl[k]
+
+    def edit_attention(self, call, q, k, v, out, lse):
+        sel = self.selection(call)
+        if sel is None:
+            return out, lse
+        r, h = (i.to(q.device) for i in sel)
+        qs, keep, _ = self._streams(call)
+        sub = lambda t, s: t[r][:, h][:, :, s].contiguous()  # noqa: E731
+        o, l = attention_with_lse(sub(q, qs), sub(k, keep), sub(v, keep), call.scale)
+        out, lse = out.clone(), lse.clone()
+        out_r, lse_r = out[r], lse[r]
+        out_r[:, h, qs] = o.to(out.dtype)
+        lse_r[:, h, qs] = l.to(lse.dtype)
+        out[r], lse[r] = out_r, lse_r
+        return out, lse
+
+    def observed_qk(self, call, q, k):
+        """Append one key feature so observers' logits carry ``-penalty`` on knocked-out pairs (exactly 0 mass)."""
+        sel = self.selection(call)
+        if sel is None:
+            return q, k
+        r, h = (i.to(q.device) for i in sel)
+        qs, _, knocked = self._streams(call)
+        pad = 8  # keep head dims a multiple of 8 for the GPU kernels
+        qe = q.new_zeros(*q.shape[:-1], pad)
+        ke = k.new_zeros(*k.shape[:-1], pad)
+        qe_r = qe[r]
+        qe_r[:, h, qs, 0] = -_PENALTY.get(q.dtype, _DEFAULT_PENALTY)
+        qe[r] = qe_r
+        ke[:, :, knocked, 0] = 1.0
+        return torch.cat([q, qe], -1), torch.cat([k, ke], -1)
+
+
+class _HeadEdit(_Edit):
+    """``AblateHeads``: zero or mean-replace head outputs ``out [B, H, N, D]``."""
+
+    def edit_heads(self, call, out):
+        sel = self.selection(call)
+        if sel is None:
+            return out
+        r, h = (i.to(out.device) for i in sel)
+        out = out.clone()
+        if self.spec.mode == "zero":
+            out_r = out[r]
+            out_r[:, h] = 0.0
+            out[r] = out_r
+            return out
+        state = self.owner.state
+        for branch in dict.fromkeys(state.branches[i] for i in r.tolist()):
+            rows = torch.tensor([i for i in r.tolist() if state.branches[i] == branch], dtype=torch.long, device=out.device)
+            mean = self.spec.reference.mean_for(state.step, call.site.layer, call.site.attention, branch)
+            if mean.shape[1] != out.shape[2]:
+                raise AblationError(
+                    f"{self.spec.describe()}: the reference run had {mean.shape[1]} tokens here but this run has "
+                    f"{out.shape[2]}; record the reference at the same image size and max_sequence_length"
+                )
+            out_r = out[rows]
+            out_r[:, h] = mean[h].to(device=out.device, dtype=out.dtype)
+            out[rows] = out_r
+        return out
+
+
+def intervene(model: Any, *specs: Spec | Iterable[Spec], layout: TokenLayout | Sequence[TokenLayout] | None = None,
+              branches: Sequence[str] | None = None) -> Intervention:
+    """Context manager applying ablation ``specs`` to ``model`` (pipeline or ``SD3Transformer2DModel``).
+
+    Restores processors and hooks on exit, also after an exception. ``layout`` (one
+    ``TokenLayout`` or one per batch row) and ``branches`` (``"uncond"``/``"cond"`` per row) describe
+    the batch of a bare transformer; a pipeline's are read from its call. Lists of specs are flattened.
+    """
+    flat: list[Spec] = []
+    for s in specs:
+        flat.extend(s if isinstance(s, (list, tuple)) else [s])
+    return Intervention(model, flat, layout=layout, branches=branches)

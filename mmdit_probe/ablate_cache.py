@@ -1,0 +1,260 @@
+"""Reference runs for interventions: block activations for :class:`Patch`, per-head means for
+:class:`AblateHeads` (``mode="mean"``).
+
+>>> with mp.record_activations(pipe, layers=[3]) as clean:
+...     pipe(clean_prompt, generator=torch.manual_seed(0))
+>>> with mp.intervene(pipe, mp.Patch(clean, layers=[3], stream="image")):
+...     pipe(corrupt_prompt, generator=torch.manual_seed(0))
+
+Memory: every kept ``(step, layer, stream)`` holds ``batch × tokens × width`` values (SD3-medium at
+1024², CFG: ~50 MB per image-stream entry), so select ``layers`` / ``steps`` / ``streams`` on real
+models, and ``to="cpu"`` to keep them off the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .ablate_calls import AblationError, CallState, CallTracker
+from .ablate_specs import PATCH_STREAMS, fmt_ints
+from .processors import resolve_transformer
+
+Key = tuple[int, "int | None", str]
+
+
+class ActivationCache:
+    """Activations of one recorded run: ``(step, layer, stream) → tensor``; a context manager that records.
+
+    Streams: ``"image"`` / ``"text"`` — a block's output hidden states ``[B, N, C]``;
+    ``"attention"`` — its joint attention output ``(image [B, N_img, C], text [B, N_txt, C])``;
+    ``"pooled"`` — the transformer's ``pooled_projections [B, P]`` (layer ``None``).
+    """
+
+    def __init__(self, model: Any, layers: Iterable[int] | None = None, *,
+                 streams: Sequence[str] = PATCH_STREAMS, steps: Iterable[int] | None = None,
+                 to: str | torch.device | None = None, name: str | None = None):
+        self.model = model
+        tr = resolve_transformer(model)
+        n = len(tr.transformer_blocks)
+        self.layers = tuple(range(n)) if layers is None else tuple(int(i) for i in layers)
+        bad = [l for l in self.layers if not 0 <= l < n]
+        if bad or not self.layers:
+            raise AblationError(f"record_activations: layers {bad or '(empty)'} out of range: this model has layers 0..{n - 1}")
+        unknown = [s for s in streams if s not in PATCH_STREAMS]
+        if unknown or not streams:
+            raise AblationError(f"record_activations: unknown streams {unknown or '(empty)'}; use {PATCH_STREAMS}")
+        self.streams = tuple(streams)
+        self.step_filter = None if steps is None else tuple(int(s) for s in steps)
+        self.to = to
+        self.name = name
+        self.data: dict[Key, Any] = {}
+        self._tracker: CallTracker | None = None
+        self._hooks: list[Any] = []
+
+    # ---- access -----------------------------------------------------------------------
+    def get(self, step: int, layer: int | None, stream: str):
+        key = (int(step), None if stream == "pooled" else int(layer), stream)
+        if key not in self.data:
+            raise AblationError(
+                f"the source run has no {stream} activation at step {step}"
+                + ("" if stream == "pooled" else f", layer {layer}")
+                + f"; it recorded steps {fmt_ints(self.steps) or '(none)'}, layers {fmt_ints(self.recorded_layers(stream)) or '(none)'}"
+            )
+        return self.data[key]
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        return tuple(sorted({k[0] for k in self.data}))
+
+    def recorded_layers(self, stream: str) -> tuple[int, ...]:
+        return tuple(sorted({k[1] for k in self.data if k[2] == stream and k[1] is not None}))
+
+    def check(self, stream: str, layers: Sequence[int], steps: Sequence[int] | None, what: str) -> None:
+        """Raise unless this cache holds ``stream`` at ``layers`` and ``steps`` (all recorded steps for None)."""
+        if self._tracker is not None:
+            raise AblationError(f"{what}: the source cache is still recording; patch from it after its `with` block")
+        if not self.data:
+            raise AblationError(f"{what}: the source cache is empty; run the clean prompt inside `with record_activations(...)` first")
+        if stream not in {k[2] for k in self.data}:
+            raise AblationError(f"{what}: the source run did not record the {stream!r} stream (record_activations(streams=...))")
+        missing = [l for l in layers if l not in self.recorded_layers(stream)]
+        if missing:
+            raise AblationError(f"{what}: the source run did not record layers {missing}; it has {fmt_ints(self.recorded_layers(stream))}")
+        gone = [s for s in steps or () if s not in self.steps]
+        if gone:
+            raise AblationError(f"{what}: the source run has no steps {gone}; it recorded steps {fmt_ints(self.steps)}")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"ActivationCache(name={self.name!r}, entries={len(self.data)}, steps={fmt_ints(self.steps)!r})"
+
+    # ---- recording ----------------------------------------------------------------------
+    def __enter__(self) -> "ActivationCache":
+        if self.data or self._tracker is not None:
+            raise RuntimeError("this ActivationCache already holds a run; call record_activations(...) again for a new one")
+        self._tracker = CallTracker(self.model, self, on_call=self._on_call).start()
+        try:
+            tr = self._tracker.transformer
+            if "pooled" in self.streams:
+                self._hooks.append(tr.register_forward_pre_hook(self._pooled_hook, with_kwargs=True))
+            for l in self.layers:
+                block = tr.transformer_blocks[l]
+                if {"image", "text"} & set(self.streams):
+                    self._hooks.append(block.register_forward_hook(self._block_hook(l)))
+                if "attention" in self.streams:
+                    self._hooks.append(block.attn.register_forward_hook(self._attn_hook(l)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._tracker is not None:
+            self._tracker.stop()
+        self._tracker = None
+
+    def _on_call(self, state: CallState) -> None:
+        if self.name is None and state.layouts:
+            prompt = state.layouts[-1].prompt
+            self.name = repr(prompt) if prompt is not None else None
+
+    def _keep(self) -> int | None:
+        state = self._tracker.state if self._tracker is not None else None
+        if state is None or (self.step_filter is not None and state.step not in self.step_filter):
+            return None
+        return state.step
+
+    def _store(self, key: Key, value: Any) -> None:
+        def prep(t):
+            t = t.detach()
+            return t.to(self.to) if self.to is not None else t
+        self.data[key] = tuple(prep(v) for v in value) if isinstance(value, tuple) else prep(value)
+
+    def _pooled_hook(self, module, args, kwargs):
+        step = self._keep()
+        pooled = kwargs.get("pooled_projections", args[2] if len(args) > 2 else None)
+        if step is not None and pooled is not None:
+            self._store((step, None, "pooled"), pooled)
+
+    def _block_hook(self, layer: int):
+        def hook(module, args, output):
+            step = self._keep()
+            if step is None:
+                return None
+            text, image = output
+            if "image" in self.streams:
+                self._store((step, layer, "image"), image)
+            if "text" in self.streams and text is not None:
+                self._store((step, layer, "text"), text)
+            return None
+        return hook
+
+    def _attn_hook(self, layer: int):
+        def hook(module, args, output):
+            step = self._keep()
+            if step is not None:
+                self._store((step, layer, "attention"), tuple(output))
+            return None
+        return hook
+
+
+def record_activations(model: Any, layers: Iterable[int] | None = None, *, streams: Sequence[str] = PATCH_STREAMS,
+                       steps: Iterable[int] | None = None, to: str | torch.device | None = None,
+                       name: str | None = None) -> ActivationCache:
+    """Context manager recording block activations of the runs inside it, for :class:`Patch`.
+
+    ``layers`` / ``steps`` (default all) and ``streams`` (``"image"``, ``"text"``, ``"attention"``,
+    ``"pooled"``) limit what is kept; ``to="cpu"`` moves each tensor off the accelerator; ``name``
+    labels the source in ``Patch.describe()`` (default: the prompt). One run per cache.
+    """
+    return ActivationCache(model, layers, streams=streams, steps=steps, to=to, name=name)
+
+
+class HeadMeans:
+    """Per-head mean attention outputs of reference runs; a context manager that records them.
+
+    Keeps ``sum`` and ``count`` per ``(step, layer, attention, branch)`` of the head outputs
+    ``[H, N, D]`` (before the output projection), summed over batch rows of every run inside the
+    ``with`` block; :meth:`mean_for` divides. Memory: ``steps × layers × H × N × D`` floats.
+    """
+
+    def __init__(self, model: Any, layers: Iterable[int] | None = None):
+        self.model = model
+        tr = resolve_transformer(model)
+        n = len(tr.transformer_blocks)
+        self.layers = tuple(range(n)) if layers is None else tuple(int(i) for i in layers)
+        bad = [l for l in self.layers if not 0 <= l < n]
+        if bad or not self.layers:
+            raise AblationError(f"record_head_means: layers {bad or '(empty)'} out of range: this model has layers 0..{n - 1}")
+        self.sums: dict[tuple[int, int, str, str], torch.Tensor] = {}
+        self.counts: dict[tuple[int, int, str, str], int] = {}
+        self._tracker: CallTracker | None = None
+        self._offset = 0
+
+    def __enter__(self) -> "HeadMeans":
+        if self._tracker is not None:
+            raise RuntimeError("this HeadMeans is already recording")
+        self._tracker = CallTracker(self.model, self).start()
+        for proc in self._tracker.controller.processors.values():
+            if proc.site.layer in self.layers:
+                proc.edits.append(_HeadMeanEdit(self))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._tracker is not None:
+            self._tracker.stop()  # releasing the controller detaches the edits this object owns
+        self._tracker = None
+
+    def add(self, site, out: torch.Tensor) -> None:
+        state = self._tracker.state
+        for branch in dict.fromkeys(state.branches):
+            rows = list(state.rows(branch))
+            key = (state.step, site.layer, site.attention, branch)
+            total = out[rows].detach().float().sum(0)
+            self.sums[key] = self.sums[key] + total if key in self.sums else total
+            self.counts[key] = self.counts.get(key, 0) + len(rows)
+
+    def mean_for(self, step: int, layer: int, attention: str, branch: str) -> torch.Tensor:
+        """Mean head outputs ``[H, N, D]`` (fp32) at one step, layer and branch."""
+        key = (step, layer, attention, branch)
+        if key not in self.sums:
+            have = sorted({k[0] for k in self.sums if k[1:] == key[1:]})
+            raise AblationError(
+                f"the head-mean reference has no {attention} outputs for step {step}, layer {layer}, branch {branch!r}; "
+                f"it has steps {fmt_ints(have) or '(none)'} there (record the reference with the same steps and CFG setting)"
+            )
+        return self.sums[key] / self.counts[key]
+
+    def check(self, layers: Sequence[int], attention: str, what: str) -> None:
+        if self._tracker is not None:
+            raise AblationError(f"{what}: the head-mean reference is still recording; use it after its `with` block")
+        have = {(k[1], k[2]) for k in self.sums}
+        missing = [l for l in layers if (l, attention) not in have]
+        if missing:
+            raise AblationError(
+                f"{what}: the head-mean reference has no {attention} outputs for layers {missing} "
+                f"(record_head_means(pipe, layers=...) and run a reference prompt inside it)"
+            )
+
+
+class _HeadMeanEdit:
+    """A no-op head edit that accumulates the head outputs (``owner`` lets the controller detach it)."""
+
+    def __init__(self, owner: HeadMeans):
+        self.owner = owner
+
+    def edit_heads(self, call, out: torch.Tensor) -> torch.Tensor:
+        self.owner.add(call.site, out)
+        return out
+
+
+def record_head_means(model: Any, layers: Iterable[int] | None = None) -> HeadMeans:
+    """Context manager recording per-head mean outputs of the runs inside it, for ``AblateHeads(mode="mean")``."""
+    return HeadMeans(model, layers)

@@ -1,0 +1,470 @@
+"""Ablation specs: frozen dataclasses that say *what* to change, *where* (layers, heads) and *when*
+(steps, CFG branch). :func:`mmdit_probe.intervene` applies them.
+
+Every spec has ``describe()`` (one line for tables and plots) and ``validate(transformer)`` (checks
+indices and names against the model; ``intervene`` calls it before any compute). Selections:
+``layers`` / ``heads`` / ``steps`` are ints or iterables (``None`` = all; empty = error), ``steps``
+count transformer calls since entering ``intervene`` (one per denoising step, CFG rows share a
+call), ``branch`` is ``"cond"``, ``"uncond"`` or ``None`` (both halves of the ``[uncond ; cond]`` batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from .ablate_calls import BRANCHES, AblationError, CallState
+from .layout import TEXT_GROUPS, TokenLayout, normalise_word
+from .maps import parse_quadrant, quadrant_name
+
+SKIP_MODES = ("block", "attention", "image")
+HEAD_MODES = ("zero", "mean")
+PATCH_STREAMS = ("image", "text", "attention", "pooled")
+#: Coarse token-group names accepted by ``ZeroText(groups=...)`` besides the fine ``TEXT_GROUPS``.
+GROUP_ALIASES: dict[str, tuple[str, ...]] = {
+    "clip": ("clip_real", "clip_special", "clip_padding"),
+    "t5": ("t5_real", "t5_special", "t5_padding"),
+    "real": ("clip_real", "t5_real"),
+    "special": ("clip_special", "t5_special"),
+    "padding": ("clip_padding", "t5_padding"),
+}
+
+
+# ---- small helpers ----------------------------------------------------------------------
+def _ints(x: int | Iterable[int] | None, what: str, spec: str) -> tuple[int, ...] | None:
+    if x is None:
+        return None
+    vals = (x,) if isinstance(x, int) or (isinstance(x, torch.Tensor) and x.dim() == 0) else tuple(x)
+    out = tuple(dict.fromkeys(int(i) for i in vals))
+    if not out:
+        raise AblationError(f"{spec}: empty {what} selection; pass None for all {what} or at least one index")
+    return out
+
+
+def _names(x: str | Iterable[str] | None, what: str, spec: str) -> tuple[str, ...] | None:
+    if x is None:
+        return None
+    out = (x,) if isinstance(x, str) else tuple(x)
+    if not out:
+        raise AblationError(f"{spec}: empty {what} selection; pass None or at least one name")
+    return tuple(dict.fromkeys(out))
+
+
+def fmt_ints(xs: Iterable[int]) -> str:
+    """``(0, 1, 2, 5)`` → ``"0-2,5"``."""
+    xs = sorted(set(xs))
+    parts, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        parts.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def _blocks(layers: tuple[int, ...] | None) -> str:
+    if layers is None:
+        return "all blocks"
+    return f"block{'s' if len(layers) > 1 else ''} {fmt_ints(layers)}"
+
+
+def _when(steps: tuple[int, ...] | None, branch: str | None) -> str:
+    s = "" if steps is None else f" at step{'s' if len(steps) > 1 else ''} {fmt_ints(steps)}"
+    return s + ("" if branch is None else f" ({branch})")
+
+
+def _check_range(spec: str, values: tuple[int, ...] | None, n: int, what: str) -> None:
+    bad = [v for v in values or () if not 0 <= v < n]
+    if bad:
+        raise AblationError(f"{spec}: {what} {bad} out of range: this model has {what}s 0..{n - 1}")
+
+
+@dataclass(frozen=True)
+class Touch:
+    """One place a spec writes to (for conflict checks): ``what`` at ``layer`` during ``steps``/``branch``."""
+
+    layer: int | None
+    what: str
+    steps: tuple[int, ...] | None
+    branch: str | None
+    heads: tuple[int, ...] | None = None
+
+
+class Spec:
+    """Base of the ablation specs. Subclasses are frozen dataclasses."""
+
+    name = "Spec"
+
+    def describe(self) -> str:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def _init_common(self) -> None:
+        for f in ("layers", "heads", "steps"):
+            if hasattr(self, f):
+                object.__setattr__(self, f, _ints(getattr(self, f), f, self.name))
+        if getattr(self, "branch", None) not in (None,) + BRANCHES:
+            raise AblationError(f"{self.name}: branch must be 'cond', 'uncond' or None (both), got {self.branch!r}")
+        bad = [s for s in getattr(self, "steps", None) or () if s < 0]
+        if bad:
+            raise AblationError(f"{self.name}: steps {bad} are negative; steps count transformer calls from 0")
+
+    def validate(self, transformer: torch.nn.Module) -> None:
+        """Check layer/head indices against ``transformer``; raises :class:`AblationError`."""
+        _check_range(self.name, getattr(self, "layers", None), len(transformer.transformer_blocks), "layer")
+        _check_range(self.name, getattr(self, "heads", None), transformer.config.num_attention_heads, "head")
+
+    def layer_list(self, transformer: torch.nn.Module) -> tuple[int, ...]:
+        layers = getattr(self, "layers", None)
+        return tuple(range(len(transformer.transformer_blocks))) if layers is None else layers
+
+    def active(self, state: CallState) -> bool:
+        return self.steps is None or state.step in self.steps
+
+    def check_call(self, state: CallState) -> None:
+        """Checks that need the run (step count, CFG rows); called before the transformer computes."""
+        if self.steps is not None and state.n_steps is not None:
+            bad = [s for s in self.steps if s >= state.n_steps]
+            if bad:
+                raise AblationError(
+                    f"{self.describe()}: steps {bad} out of range: this run makes {state.n_steps} transformer "
+                    f"calls (steps 0..{state.n_steps - 1})"
+                )
+        if not state.rows(self.branch):
+            raise AblationError(
+                f"{self.describe()}: branch={self.branch!r} selects no batch rows (rows are {list(state.branches)}); "
+                f"the 'uncond' half exists only with classifier-free guidance (guidance_scale > 1), or pass "
+                f"branches=... to intervene for a bare transformer"
+            )
+
+    def touches(self, transformer: torch.nn.Module) -> list[Touch]:
+        return []
+
+
+# ---- the specs --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SkipLayers(Spec):
+    """Skip blocks ``layers``.
+
+    ``mode="block"``: both streams pass through unchanged (exactly diffusers'
+    ``transformer(..., skip_layers=layers)``; with ``branch`` set the block still runs for every row
+    and the selected rows keep their inputs). ``"attention"``: the block's attention (``attn`` and, on
+    SD3.5, ``attn2``) adds nothing to either stream; the MLPs still run. ``"image"``: only the image
+    stream passes through unchanged; the text stream is updated as usual.
+    """
+
+    layers: Iterable[int]
+    mode: str = "block"
+    steps: Iterable[int] | None = None
+    branch: str | None = None
+    name = "SkipLayers"
+
+    def __post_init__(self):
+        if self.layers is None:
+            raise AblationError("SkipLayers: name the layers to skip, e.g. SkipLayers([3])")
+        self._init_common()
+        if self.mode not in SKIP_MODES:
+            raise AblationError(f"SkipLayers: unknown mode {self.mode!r}; use one of {SKIP_MODES}")
+
+    def describe(self) -> str:
+        what = {"block": "skip", "attention": "skip attention of", "image": "skip image stream of"}[self.mode]
+        return f"{what} {_blocks(self.layers)}{_when(self.steps, self.branch)}"
+
+    def touches(self, transformer) -> list[Touch]:
+        whats = {"block": ("block",), "attention": ("attn_out", "attn2_out"), "image": ("image_out",)}[self.mode]
+        return [Touch(l, w, self.steps, self.branch) for l in self.layers for w in whats]
+
+
+@dataclass(frozen=True)
+class ZeroText(Spec):
+    """Zero the text hidden states entering blocks ``layers`` (default: every block).
+
+    The block's ``encoder_hidden_states`` input (the text residual stream after
+    ``context_embedder`` and the earlier blocks) is set to 0 for the selected batch rows: at every
+    text position, or only at ``groups`` (``"clip"``, ``"t5"``, ``"padding"``, ``"special"``,
+    ``"real"`` or a fine name like ``"t5_real"``) and/or at the tokens of prompt ``words`` (both
+    encoders). The block then sees constant text tokens (its adaLN shift), so image tokens lose the
+    prompt *in that block*; later blocks receive what this block wrote. Zeroing block 0 with every
+    position is *not* the same as an empty prompt (that would feed the empty prompt's embeddings).
+
+    ``pooled=True`` instead zeroes only the pooled CLIP conditioning (``pooled_projections``, which
+    enters every block's adaLN modulation through ``temb``); it takes no layers, groups or words.
+    """
+
+    layers: Iterable[int] | None = None
+    groups: Iterable[str] | None = None
+    words: Iterable[str] | None = None
+    pooled: bool = False
+    steps: Iterable[int] | None = None
+    branch: str | None = None
+    name = "ZeroText"
+
+    def __post_init__(self):
+        self._init_common()
+        groups = _names(self.groups, "groups", self.name)
+        words = _names(self.words, "words", self.name)
+        if groups is not None:
+            unknown = [g for g in groups if g not in GROUP_ALIASES and g not in TEXT_GROUPS]
+            if unknown:
+                raise AblationError(
+                    f"ZeroText: unknown token group(s) {unknown}; use {', '.join(GROUP_ALIASES)} or {', '.join(TEXT_GROUPS)}"
+                )
+        if words is not None:
+            words = tuple(normalise_word(w) for w in words)
+            if not all(words):
+                raise AblationError(f"ZeroText: words {self.words} contain an empty word")
+        object.__setattr__(self, "groups", groups)
+        object.__setattr__(self, "words", words)
+        if self.pooled and (self.layers is not None or groups is not None or words is not None):
+            raise AblationError(
+                "ZeroText(pooled=True) zeroes only the pooled text conditioning and takes no layers/groups/words; "
+                "compose it with a second spec, e.g. intervene(pipe, ZeroText(pooled=True), ZeroText(layers=[3]))"
+            )
+
+    @property
+    def fine_groups(self) -> tuple[str, ...] | None:
+        if self.groups is None:
+            return None
+        return tuple(dict.fromkeys(f for g in self.groups for f in GROUP_ALIASES.get(g, (g,))))
+
+    @property
+    def needs_layout(self) -> bool:
+        return self.groups is not None or self.words is not None
+
+    def describe(self) -> str:
+        if self.pooled:
+            return f"zero pooled text{_when(self.steps, self.branch)}"
+        sel = [*(self.groups or ()), *(repr(w) for w in self.words or ())]
+        what = f"text [{', '.join(sel)}]" if sel else "text"
+        return f"zero {what} into {_blocks(self.layers)}{_when(self.steps, self.branch)}"
+
+    def positions(self, layout: TokenLayout) -> list[int]:
+        """Text-sequence positions (0-based within the text stream) this spec zeroes in one row."""
+        start = layout.text_slice.start
+        pos: set[int] = set()
+        for g in self.fine_groups or ():
+            pos.update(p - start for p in layout.group_positions(g))
+        for w in self.words or ():
+            if w in layout.words:
+                pos.update(p - start for p in layout.word_positions(w))
+        return sorted(pos)
+
+    def check_call(self, state: CallState) -> None:
+        super().check_call(state)
+        if not self.needs_layout:
+            return
+        if state.layouts is None:
+            raise AblationError(
+                f"{self.describe()}: token groups and words need the token layout: call the pipeline with a prompt "
+                f"(not only prompt_embeds), or pass layout=TokenLayout.from_prompt(pipe, prompt, ...) to intervene"
+            )
+        rows = [state.layouts[r] for r in state.rows(self.branch)]
+        for w in self.words or ():
+            if not any(w in lay.words for lay in rows):
+                present = list(dict.fromkeys(x for lay in rows for x in lay.words))
+                raise AblationError(
+                    f"{self.describe()}: word {w!r} is not in the prompt; words present: {', '.join(present) or '(none)'}"
+                )
+        if not any(self.positions(lay) for lay in rows):
+            raise AblationError(f"{self.describe()}: selects no text tokens in this run's prompt")
+
+    def touches(self, transformer) -> list[Touch]:
+        if self.pooled:
+            return [Touch(None, "pooled", self.steps, self.branch)]
+        return [Touch(l, "text_in", self.steps, self.branch) for l in self.layer_list(transformer)]
+
+
+@dataclass(frozen=True)
+class KnockOut(Spec):
+    """Remove one attention quadrant (``"image->text"``: image queries may not attend to text keys).
+
+    In the joint attention (``attn``) of ``layers`` and ``heads``, the affected queries attend only to
+    the other key stream and their attention renormalises over it; exact, without an N×N mask
+    (the affected rows are recomputed by the fused kernel over the allowed keys only). The
+    recorder sees the ablated attention (mass on the knocked-out quadrant is 0).
+    """
+
+    quadrant: str
+    layers: Iterable[int] | None = None
+    heads: Iterable[int] | None = None
+    steps: Iterable[int] | None = None
+    branch: str | None = None
+    name = "KnockOut"
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "quadrant", quadrant_name(*parse_quadrant(self.quadrant)))
+        except ValueError as err:
+            raise AblationError(f"KnockOut: {err}") from None
+        self._init_common()
+
+    @property
+    def streams(self) -> tuple[str, str]:
+        return parse_quadrant(self.quadrant)
+
+    def describe(self) -> str:
+        heads = "" if self.heads is None else f" heads {fmt_ints(self.heads)}"
+        return f"knock out {self.quadrant} in {_blocks(self.layers)}{heads}{_when(self.steps, self.branch)}"
+
+    def touches(self, transformer) -> list[Touch]:
+        q = self.streams[0]
+        return [Touch(l, f"knock:{q}", self.steps, self.branch, self.heads) for l in self.layer_list(transformer)]
+
+
+@dataclass(frozen=True)
+class AblateHeads(Spec):
+    """Replace the outputs of ``heads`` (before the output projection) in ``layers``.
+
+    ``mode="zero"`` sets them to 0; ``mode="mean"`` to their mean over a reference run,
+    ``reference`` from :func:`mmdit_probe.record_head_means` (per step, layer, branch and token
+    position, averaged over batch rows and over every reference run). ``attention="attn2"`` targets
+    SD3.5's image-only attention.
+    """
+
+    layers: Iterable[int] | None = None
+    heads: Iterable[int] | None = None
+    mode: str = "zero"
+    reference: Any = field(default=None, compare=False, repr=False)
+    attention: str = "attn"
+    steps: Iterable[int] | None = None
+    branch: str | None = None
+    name = "AblateHeads"
+
+    def __post_init__(self):
+        self._init_common()
+        if self.mode not in HEAD_MODES:
+            raise AblationError(f"AblateHeads: unknown mode {self.mode!r}; use one of {HEAD_MODES}")
+        if self.attention not in ("attn", "attn2"):
+            raise AblationError(f"AblateHeads: attention must be 'attn' or 'attn2', got {self.attention!r}")
+        if self.mode == "mean" and not hasattr(self.reference, "mean_for"):
+            raise AblationError(
+                "AblateHeads(mode='mean') needs reference=record_head_means(...) filled by a reference run: "
+                "`with mp.record_head_means(pipe) as ref: pipe(prompts, ...)` then AblateHeads(..., mode='mean', reference=ref)"
+            )
+        if self.mode == "zero" and self.reference is not None:
+            raise AblationError("AblateHeads: reference is only used with mode='mean'")
+
+    def describe(self) -> str:
+        heads = "all heads" if self.heads is None else f"head{'s' if len(self.heads) > 1 else ''} {fmt_ints(self.heads)}"
+        verb = "zero" if self.mode == "zero" else "mean-ablate"
+        att = "" if self.attention == "attn" else " attn2"
+        return f"{verb} {heads} of {_blocks(self.layers)}{att}{_when(self.steps, self.branch)}"
+
+    def validate(self, transformer) -> None:
+        super().validate(transformer)
+        if self.attention == "attn2":
+            missing = [l for l in self.layer_list(transformer) if getattr(transformer.transformer_blocks[l], "attn2", None) is None]
+            if missing:
+                have = [i for i, b in enumerate(transformer.transformer_blocks) if getattr(b, "attn2", None) is not None]
+                raise AblationError(f"{self.describe()}: blocks {missing} have no attn2; blocks with attn2: {have or 'none'}")
+        if self.mode == "mean":
+            self.reference.check(self.layer_list(transformer), self.attention, self.describe())
+
+    def touches(self, transformer) -> list[Touch]:
+        return [Touch(l, f"heads:{self.attention}", self.steps, self.branch, self.heads) for l in self.layer_list(transformer)]
+
+
+@dataclass(frozen=True)
+class Patch(Spec):
+    """Activation patching: copy a block's ``stream`` from a recorded run (``source``) into this run.
+
+    ``source`` comes from :func:`mmdit_probe.record_activations`. ``stream``: ``"image"`` / ``"text"``
+    (the block's output hidden states), ``"attention"`` (the joint attention output of both streams,
+    before the gate) or ``"pooled"`` (the pooled text conditioning; no layers). Steps are matched by
+    index: step ``s`` here receives step ``s`` of the source run. The batch must match the source's.
+    """
+
+    source: Any = field(compare=False, repr=False)
+    layers: Iterable[int] | None = None
+    steps: Iterable[int] | None = None
+    stream: str = "image"
+    branch: str | None = None
+    name = "Patch"
+
+    def __post_init__(self):
+        self._init_common()
+        if self.stream not in PATCH_STREAMS:
+            raise AblationError(f"Patch: unknown stream {self.stream!r}; use one of {PATCH_STREAMS}")
+        if self.stream == "pooled" and self.layers is not None:
+            raise AblationError("Patch(stream='pooled') patches the model-level pooled conditioning and takes no layers")
+        if not hasattr(self.source, "get"):
+            raise AblationError(
+                "Patch: source must be the cache of mmdit_probe.record_activations(...), e.g. "
+                "`with mp.record_activations(pipe) as cache: pipe(clean_prompt, ...)`"
+            )
+
+    def describe(self) -> str:
+        src = getattr(self.source, "name", "source")
+        where = "" if self.stream == "pooled" else f" of {_blocks(self.layers)}"
+        return f"patch {self.stream}{where} from {src}{_when(self.steps, self.branch)}"
+
+    def layer_list(self, transformer) -> tuple[int, ...]:
+        if self.layers is not None or self.stream == "pooled":
+            return self.layers or ()
+        blocks = transformer.transformer_blocks
+        return tuple(i for i, b in enumerate(blocks) if not (self.stream == "text" and b.context_pre_only))
+
+    def validate(self, transformer) -> None:
+        super().validate(transformer)
+        if self.stream == "text":
+            last = [l for l in self.layer_list(transformer) if transformer.transformer_blocks[l].context_pre_only]
+            if last:
+                raise AblationError(
+                    f"{self.describe()}: block {last} is context_pre_only (its text output is discarded); "
+                    f"patch the text stream of blocks 0..{len(transformer.transformer_blocks) - 2}"
+                )
+        self.source.check(self.stream, self.layer_list(transformer), self.steps, self.describe())
+
+    def touches(self, transformer) -> list[Touch]:
+        what = {"image": "image_out", "text": "text_out", "attention": "attn_out", "pooled": "pooled"}[self.stream]
+        if self.stream == "pooled":
+            return [Touch(None, what, self.steps, self.branch)]
+        return [Touch(l, what, self.steps, self.branch) for l in self.layer_list(transformer)]
+
+
+# ---- conflicts --------------------------------------------------------------------------
+_WRITES = ("attn_out", "attn2_out", "image_out", "text_out", "pooled")
+
+
+def _overlap(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> bool:
+    return a is None or b is None or bool(set(a) & set(b))
+
+
+def _clash(a: Touch, b: Touch) -> str | None:
+    """Why two touches contradict each other, or None."""
+    if a.layer != b.layer or not _overlap(a.steps, b.steps) or not (a.branch is None or b.branch is None or a.branch == b.branch):
+        return None
+    kinds = {a.what, b.what}
+    if "block" in kinds:
+        return "a skipped block cannot be ablated or patched at the same time"
+    if a.what == b.what and a.what in _WRITES:
+        return f"both write the same {a.what.replace('_', ' ')}"
+    inner = {w for w in kinds if w.startswith(("knock:", "heads:attn"))}
+    if "attn_out" in kinds and any(w in ("heads:attn",) or w.startswith("knock:") for w in inner):
+        return "the attention output is replaced, so an edit inside that attention has no effect"
+    if "attn2_out" in kinds and "heads:attn2" in kinds:
+        return "the attn2 output is replaced, so a head edit inside it has no effect"
+    if a.what == b.what and (a.what.startswith("knock:") or a.what.startswith("heads:")) and _overlap(a.heads, b.heads):
+        return "both change the same heads' attention (two knock-outs would leave the queries no keys)" \
+            if a.what.startswith("knock:") else "both replace the same heads"
+    return None
+
+
+def check_conflicts(specs: Iterable[Spec], transformer: torch.nn.Module) -> None:
+    """Raise :class:`AblationError` when two specs contradict each other."""
+    specs = list(specs)
+    touched = [(i, t) for i, s in enumerate(specs) for t in s.touches(transformer)]
+    for x in range(len(touched)):
+        i, a = touched[x]
+        for j, b in touched[x + 1:]:
+            if i == j:
+                continue
+            why = _clash(a, b)
+            if why:
+                where = "the model" if a.layer is None else f"block {a.layer}"
+                raise AblationError(
+                    f"specs contradict each other at {where}: {specs[i].describe()!r} and {specs[j].describe()!r} — {why}. "
+                    f"Drop one, or give them disjoint layers/steps/branches"
+                )
