@@ -49,7 +49,7 @@ class Preset:
 
 
 PRESETS = {
-    "cpu-small": Preset(6, 6, 32, 32, 64, 6, (0, 1, 2), "rms_norm", 256, 256, "float32", 3),
+    "cpu-small": Preset(6, 6, 32, 64, 32, 4, (0, 1, 2), "rms_norm", 256, 256, "float32", 3),
     "sd35-medium-1024": Preset(24, 24, 64, 128, 256, 28, tuple(range(13)), "rms_norm", 4096, 2048, "bfloat16", 3),
 }
 PROMPT = "a red circle left of a blue square"

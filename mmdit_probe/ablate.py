@@ -35,10 +35,7 @@ class Intervention:
                  branches: Sequence[str] | None = None):
         self.model = model
         self.transformer = resolve_transformer(model)
-        self.specs = tuple(specs)
-        for s in self.specs:
-            if not isinstance(s, Spec):
-                raise TypeError(f"intervene takes ablation specs (SkipLayers, ZeroText, KnockOut, AblateHeads, Patch), got {type(s).__name__}")
+        self.specs = tuple(_flatten(specs))
         self.layout, self.branches = layout, branches
         self._tracker: CallTracker | None = None
         self._hooks: list[Any] = []
@@ -47,9 +44,7 @@ class Intervention:
     def __enter__(self) -> "Intervention":
         if self._tracker is not None:
             raise RuntimeError("this intervention is already active")
-        for s in self.specs:
-            s.validate(self.transformer)
-        check_conflicts(self.specs, self.transformer)
+        check_specs(self.transformer, *self.specs)
         self._check_layout_now()
         self._tracker = CallTracker(self.model, self, layout=self.layout, branches=self.branches, on_call=self._on_call)
         self._tracker.start()
@@ -82,8 +77,7 @@ class Intervention:
         rows = [self.layout] if isinstance(self.layout, TokenLayout) else list(self.layout)
         for s in self.specs:
             if isinstance(s, ZeroText) and s.needs_layout:
-                state = CallState(0, len(rows), ("cond",) * len(rows), tuple(rows), None, False)
-                ZeroText.check_call(s.__class__(groups=s.groups, words=s.words), state)
+                s.check_tokens(rows)
 
     def _on_call(self, state: CallState) -> None:
         for s in self.specs:
@@ -310,6 +304,25 @@ class _HeadEdit(_Edit):
         return out
 
 
+def _flatten(specs: Iterable[Any]) -> list[Spec]:
+    flat: list[Spec] = []
+    for s in specs:
+        flat.extend(s if isinstance(s, (list, tuple)) else [s])
+    for s in flat:
+        if not isinstance(s, Spec):
+            raise TypeError(f"intervene takes ablation specs (SkipLayers, ZeroText, KnockOut, AblateHeads, Patch), got {type(s).__name__}")
+    return flat
+
+
+def check_specs(model: Any, *specs: Spec | Iterable[Spec]) -> None:
+    """Validate ``specs`` against ``model`` and each other (what ``intervene`` does on entry), without running anything."""
+    tr = resolve_transformer(model)
+    flat = _flatten(specs)
+    for s in flat:
+        s.validate(tr)
+    check_conflicts(flat, tr)
+
+
 def intervene(model: Any, *specs: Spec | Iterable[Spec], layout: TokenLayout | Sequence[TokenLayout] | None = None,
               branches: Sequence[str] | None = None) -> Intervention:
     """Context manager applying ablation ``specs`` to ``model`` (pipeline or ``SD3Transformer2DModel``).
@@ -318,7 +331,4 @@ def intervene(model: Any, *specs: Spec | Iterable[Spec], layout: TokenLayout | S
     ``TokenLayout`` or one per batch row) and ``branches`` (``"uncond"``/``"cond"`` per row) describe
     the batch of a bare transformer; a pipeline's are read from its call. Lists of specs are flattened.
     """
-    flat: list[Spec] = []
-    for s in specs:
-        flat.extend(s if isinstance(s, (list, tuple)) else [s])
-    return Intervention(model, flat, layout=layout, branches=branches)
+    return Intervention(model, _flatten(specs), layout=layout, branches=branches)

@@ -260,7 +260,11 @@ class ZeroText(Spec):
                 f"{self.describe()}: token groups and words need the token layout: call the pipeline with a prompt "
                 f"(not only prompt_embeds), or pass layout=TokenLayout.from_prompt(pipe, prompt, ...) to intervene"
             )
-        rows = [state.layouts[r] for r in state.rows(self.branch)]
+        self.check_tokens([state.layouts[r] for r in state.rows(self.branch)])
+
+    def check_tokens(self, rows: Iterable[TokenLayout]) -> None:
+        """Raise unless the words are in the prompt and the selection has tokens in some row."""
+        rows = list(rows)
         for w in self.words or ():
             if not any(w in lay.words for lay in rows):
                 present = list(dict.fromkeys(x for lay in rows for x in lay.words))

@@ -185,3 +185,13 @@ def test_group_stats_without_prompt_need_layout(pipe):
     with mp.AttentionRecorder(pipe, groups=True, layout=layout) as rec:
         pipe(prompt_embeds=emb[0], pooled_prompt_embeds=emb[2], guidance_scale=1.0, **KW)
     assert rec.result.stat("group_mass").shape["key_group"] == len(mp.KEY_GROUPS)
+
+
+@pytest.mark.parametrize("variant", ["sd3", "sd35"])
+def test_recording_bf16_is_bitwise_identical_on_cpu(variant):
+    pipe = mp.tiny_sd3_pipeline(variant, seed=4, torch_dtype=torch.bfloat16)
+    kw = dict(KW, guidance_scale=4.0, output_type="latent")
+    base = pipe(PROMPT, generator=torch.manual_seed(0), **kw).images
+    with mp.AttentionRecorder(pipe, groups=True, words=True):
+        rec = pipe(PROMPT, generator=torch.manual_seed(0), **kw).images
+    assert base.dtype == torch.bfloat16 and torch.equal(base, rec)

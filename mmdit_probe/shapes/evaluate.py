@@ -1,0 +1,259 @@
+"""Measure the shapes model: prompt adherence, grounding of colour/shape words, ablation sanity.
+
+``python -m mmdit_probe.shapes.evaluate [--n N] [--steps S] [--out FILE.json] [--weights DIR]``
+
+Ablations are implemented here with plain forward hooks on ``pipe.transformer.transformer_blocks``
+(``zero_text``: the text stream entering every block is zeroed; ``zero_text_pooled``: also the
+pooled text vector that modulates every block; ``skip_L``: block ``L`` returns its inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .detect import DetectorConfig, check_prompt, colour_masks
+from .world import all_captions, is_heldout_caption, parse_caption, WorldConfig
+
+__all__ = ["EvalConfig", "heldout_prompts", "generate", "adherence", "grounding", "ablation_context",
+           "evaluate", "evaluate_main", "build_parser", "format_report"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation settings."""
+
+    n: int = 32
+    steps: int = 20
+    guidance: float = 4.0
+    seed: int = 0
+    batch: int = 16
+    ablations: bool = True
+
+
+def heldout_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` held-out captions (never seen in training), deterministic from ``seed``; half of them
+    (rounded up) use a colour–shape pair never seen in training, the rest unseen two-object captions."""
+    held = [c for c in all_captions() if is_heldout_caption(c)]
+    pairs = WorldConfig().heldout_pairs
+    unseen_pair = [c for c in held if any(o in pairs for o in parse_caption(c)[0])]
+    other = [c for c in held if c not in set(unseen_pair)]
+    rng = np.random.default_rng(seed)
+    k = (n + 1) // 2
+    out = list(rng.choice(unseen_pair, size=k, replace=k > len(unseen_pair)))
+    out += list(rng.choice(other, size=n - k, replace=n - k > len(other)))
+    return [str(c) for c in out]
+
+
+def generate(pipe, prompts: list[str], cfg: EvalConfig, recorder_factory=None) -> tuple[np.ndarray, list]:
+    """Images ``[N, H, W, 3]`` in 0…1 (and one attention result per chunk when ``recorder_factory``)."""
+    max_len = getattr(getattr(pipe, "shapes_config", None), "max_sequence_length", 12)
+    images, results = [], []
+    for i in range(0, len(prompts), cfg.batch):
+        chunk = prompts[i:i + cfg.batch]
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
+        kwargs = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, max_sequence_length=max_len,
+                      generator=gen, output_type="np")
+        if recorder_factory is None:
+            out = pipe(chunk, **kwargs)
+        else:
+            with recorder_factory(pipe) as rec:
+                out = pipe(chunk, **kwargs)
+            results.append(rec.result)
+        images.append(np.asarray(out.images, np.float32))
+    return np.concatenate(images), results
+
+
+def adherence(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
+    """Fractions of images whose prompted colours / shapes / relation / everything are right."""
+    checks = [check_prompt(im, p) for im, p in zip(images, prompts)]
+    return {k: float(np.mean([getattr(c, k) for c in checks])) for k in ("colour", "shape", "relation", "all")}
+
+
+def _point_iou(amap: torch.Tensor, mask: np.ndarray) -> tuple[bool, float]:
+    """Pointing hit and top-k IoU (k = mask area) of an ``[h, w]`` map against a full-res ``mask``."""
+    H, W = mask.shape
+    up = F.interpolate(amap[None, None].float(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    flat = up.flatten()
+    m = torch.from_numpy(mask).flatten()
+    hit = bool(m[int(flat.argmax())])
+    k = int(m.sum())
+    top = torch.zeros_like(m)
+    top[flat.topk(k).indices] = True
+    iou = float((top & m).sum()) / float((top | m).sum())
+    return hit, iou
+
+
+def grounding(images: np.ndarray, prompts: list[str], results: list, n_layers: int, batch: int,
+              det: DetectorConfig = DetectorConfig()) -> dict:
+    """Per layer (and ``"mean"`` over layers): pointing accuracy and IoU of colour and shape words.
+
+    The object mask is the detector's colour mask of the *generated* image; objects the detector
+    does not find are skipped (counted in ``n``). A shape word is scored only if it is unique in its
+    prompt. ``chance`` is the mean mask area fraction (pointing accuracy of a random point)."""
+    layers: list[int | str] = list(range(n_layers)) + ["mean"]
+    acc = {str(L): {kind: {"hits": [], "ious": []} for kind in ("colour", "shape")} for L in layers}
+    areas = []
+    for ci, res in enumerate(results):
+        cond = [r for r, b in enumerate(res.branches) if b == "cond"]
+        cache: dict = {}
+        for j, row in enumerate(cond):
+            idx = ci * batch + j
+            objs, _ = parse_caption(prompts[idx])
+            masks = colour_masks(images[idx], det)
+            shape_counts = {s: sum(1 for _, t in objs if t == s) for _, s in objs}
+            for colour, shape in objs:
+                mask = masks[colour]
+                if mask.sum() < det.min_pixels:
+                    continue
+                areas.append(mask.mean())
+                words = [("colour", colour)] + ([("shape", shape)] if shape_counts[shape] == 1 else [])
+                for kind, word in words:
+                    for L in layers:
+                        key = (word, L)
+                        if key not in cache:
+                            cache[key] = res.word_map(word, layer=None if L == "mean" else L)
+                        amap = cache[key][row]
+                        if torch.isnan(amap).any():
+                            continue
+                        hit, iou = _point_iou(amap, mask)
+                        acc[str(L)][kind]["hits"].append(hit)
+                        acc[str(L)][kind]["ious"].append(iou)
+    out = {}
+    for L, kinds in acc.items():
+        out[L] = {kind: {"pointing": float(np.mean(v["hits"])) if v["hits"] else float("nan"),
+                         "iou": float(np.mean(v["ious"])) if v["ious"] else float("nan"),
+                         "n": len(v["hits"])} for kind, v in kinds.items()}
+    out["chance_pointing"] = float(np.mean(areas)) if areas else float("nan")
+    return out
+
+
+@contextlib.contextmanager
+def ablation_context(pipe, name: str) -> Iterator[None]:
+    """Hooks for ``"none"``, ``"zero_text"``, ``"zero_text_pooled"`` or ``"skip_<L>"``; removed on exit."""
+    blocks = pipe.transformer.transformer_blocks
+    handles = []
+
+    def zero_text(module, args, kwargs):
+        if "encoder_hidden_states" in kwargs:
+            kwargs["encoder_hidden_states"] = torch.zeros_like(kwargs["encoder_hidden_states"])
+            return args, kwargs
+        args = list(args)
+        args[1] = torch.zeros_like(args[1])
+        return tuple(args), kwargs
+
+    def zero_pooled(module, args, kwargs):
+        kwargs["pooled_projections"] = torch.zeros_like(kwargs["pooled_projections"])
+        return args, kwargs
+
+    def skip(module, args, kwargs, output):
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        return (None if module.context_pre_only else ehs), hs
+
+    try:
+        if name in ("zero_text", "zero_text_pooled"):
+            handles += [b.register_forward_pre_hook(zero_text, with_kwargs=True) for b in blocks]
+            if name == "zero_text_pooled":
+                handles.append(pipe.transformer.register_forward_pre_hook(zero_pooled, with_kwargs=True))
+        elif name.startswith("skip_"):
+            handles.append(blocks[int(name[5:])].register_forward_hook(skip, with_kwargs=True))
+        elif name != "none":
+            raise ValueError(f"unknown ablation {name!r}")
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def evaluate(pipe, cfg: EvalConfig = EvalConfig(), *, log=print) -> dict:
+    """Run the three measurements on ``cfg.n`` held-out prompts; return a JSON-ready dict."""
+    from ..record import AttentionRecorder
+
+    torch.set_num_threads(2)
+    prompts = heldout_prompts(cfg.n, cfg.seed)
+    pairs = WorldConfig().heldout_pairs
+    unseen = [any(o in pairs for o in parse_caption(p)[0]) for p in prompts]
+    n_layers = len(pipe.transformer.transformer_blocks)
+    images, results = generate(pipe, prompts, cfg, lambda p: AttentionRecorder(p, words=True, word_heads="mean"))
+    adh = adherence(images, prompts)
+    sub = {
+        "unseen_pair": adherence(images[np.array(unseen)], [p for p, u in zip(prompts, unseen) if u]),
+        "unseen_caption": adherence(images[~np.array(unseen)], [p for p, u in zip(prompts, unseen) if not u]),
+    }
+    log(f"adherence on {len(prompts)} held-out prompts: {adh}")
+    ground = grounding(images, prompts, results, n_layers, cfg.batch)
+    report = {"config": asdict(cfg), "prompts": prompts, "adherence": adh, "adherence_subsets": sub,
+              "grounding": ground}
+    if cfg.ablations:
+        table = {"none": adh}
+        for name in ["zero_text", "zero_text_pooled"] + [f"skip_{L}" for L in range(n_layers)]:
+            with ablation_context(pipe, name):
+                ims, _ = generate(pipe, prompts, cfg)
+            table[name] = adherence(ims, prompts)
+            log(f"ablation {name}: {table[name]}")
+        report["ablation"] = table
+    log(format_report(report))
+    return report
+
+
+def format_report(report: dict) -> str:
+    """Markdown tables of adherence, per-layer grounding and ablations."""
+    lines = ["| prompts | colour | shape | relation | all |", "|---|---|---|---|---|"]
+    rows = [("held-out (all)", report["adherence"])] + list(report.get("adherence_subsets", {}).items())
+    for name, a in rows:
+        lines.append(f"| {name} | {a['colour']:.2f} | {a['shape']:.2f} | {a['relation']:.2f} | {a['all']:.2f} |")
+    g = report["grounding"]
+    lines += ["", f"| layer | colour pointing | colour IoU | shape pointing | shape IoU |  (chance pointing "
+              f"{g['chance_pointing']:.2f})", "|---|---|---|---|---|"]
+    for L, v in g.items():
+        if L == "chance_pointing":
+            continue
+        c, s = v["colour"], v["shape"]
+        lines.append(f"| {L} | {c['pointing']:.2f} | {c['iou']:.2f} | {s['pointing']:.2f} | {s['iou']:.2f} |")
+    if "ablation" in report:
+        lines += ["", "| ablation | colour | shape | relation | all |", "|---|---|---|---|---|"]
+        for name, a in report["ablation"].items():
+            lines.append(f"| {name} | {a['colour']:.2f} | {a['shape']:.2f} | {a['relation']:.2f} | {a['all']:.2f} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of ``evaluate-shapes``."""
+    d = EvalConfig()
+    p = argparse.ArgumentParser(prog="mmdit-probe evaluate-shapes", description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=d.n, help="number of held-out prompts")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--weights", default=None, help="weights folder (default: the shipped assets)")
+    p.add_argument("--out", default="shapes_eval.json", help="JSON report path")
+    return p
+
+
+def evaluate_main(argv: list[str] | None = None) -> dict:
+    """CLI entry point: evaluate and write the JSON report."""
+    from .model import shapes_pipeline
+
+    a = build_parser().parse_args(argv)
+    cfg = EvalConfig(n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed, batch=a.batch,
+                     ablations=not a.no_ablations)
+    pipe = shapes_pipeline(path=a.weights)
+    report = evaluate(pipe, cfg, log=lambda m: print(m, file=sys.stdout, flush=True))
+    with open(a.out, "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    evaluate_main()
