@@ -11,10 +11,17 @@ from .processors import ProbeController, ProbeProcessor, Site
 from .record import AttentionRecorder
 from .result import AttentionResult
 from .io import ResultsFileError
+from .describe import Description, DescriptionRow, describe
+from .compare import Comparison, LoraCounts, branch_view, compare, lora_parameter_counts, plot_difference
+from .steps import Schedule, StepStudy, image_convergence, interpolate_at_sigmas, layer_groups, plot_mass_vs_sigma, schedule, step_count_study
 
 __version__ = "0.1.0"
 
 def __getattr__(name):  # keep `import mmdit_probe` light: models pull in diffusers pipelines lazily
+    if name in ("default_pipeline", "default_run_kwargs"):
+        from . import cli
+
+        return getattr(cli, name)
     if name in ("tiny_sd3_pipeline", "load_pipeline", "WeightsNotAvailableError"):
         from . import models
 
@@ -28,5 +35,9 @@ def __getattr__(name):  # keep `import mmdit_probe` light: models pull in diffus
 __all__ = [
     "AttentionRecorder", "AttentionResult", "TokenLayout", "TextToken", "MapSelection", "MapBudgetError",
     "QUADRANTS", "KEY_GROUPS", "QUERY_GROUPS", "TEXT_GROUPS", "Stat", "ProbeController", "ProbeProcessor", "Site",
-    "ResultsFileError", "joint_order", "tiny_sd3_pipeline", "load_pipeline", "WeightsNotAvailableError",
+    "ResultsFileError", "joint_order",
+    "describe", "Description", "DescriptionRow", "compare", "Comparison", "branch_view", "plot_difference",
+    "lora_parameter_counts", "LoraCounts", "step_count_study", "StepStudy", "interpolate_at_sigmas",
+    "plot_mass_vs_sigma", "image_convergence", "schedule", "Schedule", "layer_groups", "tiny_sd3_pipeline", "load_pipeline", "WeightsNotAvailableError",
+    "default_pipeline", "default_run_kwargs",
 ]

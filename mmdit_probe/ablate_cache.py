@@ -185,8 +185,9 @@ class HeadMeans:
     ``with`` block; :meth:`mean_for` divides. Memory: ``steps × layers × H × N × D`` floats.
     """
 
-    def __init__(self, model: Any, layers: Iterable[int] | None = None):
+    def __init__(self, model: Any, layers: Iterable[int] | None = None, branches: Sequence[str] | None = None):
         self.model = model
+        self.branches = branches
         tr = resolve_transformer(model)
         n = len(tr.transformer_blocks)
         self.layers = tuple(range(n)) if layers is None else tuple(int(i) for i in layers)
@@ -201,7 +202,7 @@ class HeadMeans:
     def __enter__(self) -> "HeadMeans":
         if self._tracker is not None:
             raise RuntimeError("this HeadMeans is already recording")
-        self._tracker = CallTracker(self.model, self).start()
+        self._tracker = CallTracker(self.model, self, branches=self.branches).start()
         for proc in self._tracker.controller.processors.values():
             if proc.site.layer in self.layers:
                 proc.edits.append(_HeadMeanEdit(self))
@@ -255,6 +256,10 @@ class _HeadMeanEdit:
         return out
 
 
-def record_head_means(model: Any, layers: Iterable[int] | None = None) -> HeadMeans:
-    """Context manager recording per-head mean outputs of the runs inside it, for ``AblateHeads(mode="mean")``."""
-    return HeadMeans(model, layers)
+def record_head_means(model: Any, layers: Iterable[int] | None = None,
+                      branches: Sequence[str] | None = None) -> HeadMeans:
+    """Context manager recording per-head mean outputs of the runs inside it, for ``AblateHeads(mode="mean")``.
+
+    Means are kept per CFG branch; ``branches`` names the rows of a bare transformer's batch (default all ``"cond"``).
+    """
+    return HeadMeans(model, layers, branches)

@@ -342,7 +342,9 @@ class AblateHeads(Spec):
             raise AblationError(f"AblateHeads: unknown mode {self.mode!r}; use one of {HEAD_MODES}")
         if self.attention not in ("attn", "attn2"):
             raise AblationError(f"AblateHeads: attention must be 'attn' or 'attn2', got {self.attention!r}")
-        if self.mode == "mean" and not hasattr(self.reference, "mean_for"):
+        from .ablate_cache import HeadMeans  # noqa: PLC0415 - the cache module imports this one
+
+        if self.mode == "mean" and not isinstance(self.reference, HeadMeans):
             raise AblationError(
                 "AblateHeads(mode='mean') needs reference=record_head_means(...) filled by a reference run: "
                 "`with mp.record_head_means(pipe) as ref: pipe(prompts, ...)` then AblateHeads(..., mode='mean', reference=ref)"
@@ -393,7 +395,9 @@ class Patch(Spec):
             raise AblationError(f"Patch: unknown stream {self.stream!r}; use one of {PATCH_STREAMS}")
         if self.stream == "pooled" and self.layers is not None:
             raise AblationError("Patch(stream='pooled') patches the model-level pooled conditioning and takes no layers")
-        if not hasattr(self.source, "get"):
+        from .ablate_cache import ActivationCache  # noqa: PLC0415 - the cache module imports this one
+
+        if not isinstance(self.source, ActivationCache):
             raise AblationError(
                 "Patch: source must be the cache of mmdit_probe.record_activations(...), e.g. "
                 "`with mp.record_activations(pipe) as cache: pipe(clean_prompt, ...)`"

@@ -53,6 +53,12 @@ def _register_builtins() -> None:
 
     for name, sub in {**cli_commands.COMMANDS, **cli_sweep.COMMANDS}.items():
         SUBCOMMANDS.setdefault(name, sub)
+    from .describe import add_describe_arguments, run_describe
+
+    SUBCOMMANDS.setdefault("describe", Subcommand(
+        add_describe_arguments, run_describe, "components, shapes, MMDiT and scheduler of a pipeline",
+        "Print every component (class, parameters, dtype, device), the text and image paths with their measured "
+        "shapes, the MMDiT blocks and the scheduler's timesteps/sigmas, all read from the objects."))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

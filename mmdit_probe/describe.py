@@ -349,7 +349,7 @@ def run_describe(args: argparse.Namespace) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        pipe = (_default_pipeline(dtype, args.device) if args.model is None
+        pipe = (_default_pipeline(dtype, args.device) if args.model in (None, "default")
                 else load_pipeline(args.model, torch_dtype=dtype, device=args.device))
     except WeightsNotAvailableError as err:
         print(f"mmdit-probe describe: {err}", file=sys.stderr)

@@ -48,25 +48,28 @@ def _label(spec: str) -> str:
     return spec if len(spec) <= 28 else spec[:26] + "…"
 
 
-def effect_by_layer(df, metric: str | None = None, *, x: str | None = None, kind: str = "bar", ax=None,
-                    path: str | None = None, title: str | None = None):
+def effect_by_layer(df, metric: str | None = None, *, x: str | None = None, hue: str | None = None,
+                    kind: str = "bar", ax=None, path: str | None = None, title: str | None = None):
     """Effect of each ablation (one per layer, in ``spec_index`` order) with spread over seeds/prompts.
 
     Uses the final value of ``metric`` (rows without a step, else the last step). ``x``: a column to
-    put on the x axis (default ``"layer"`` when present, else ``"spec"``). ``kind``: ``"bar"`` or ``"line"``.
+    put on the x axis (default ``"layer"`` when present, else ``"spec"``); ``hue``: a column splitting the
+    bars (e.g. ``"quadrant"``). ``kind``: ``"bar"`` or ``"line"``.
     """
     d, metric = _check(df, metric)
     d = final_values(d)
     x = x or ("layer" if "layer" in d.columns else "spec")
-    fig, ax = new_axes(ax, figsize=(max(5.0, 0.55 * d[x].nunique() + 2.5), 4))
+    fig, ax = new_axes(ax, figsize=(max(5.0, 0.55 * d[x].nunique() + 2.5) + (2.0 if hue else 0.0), 4))
     order = _spec_order(d) if x == "spec" else sorted(d[x].dropna().unique())
     plot_d = d.assign(**{x: d[x].map(_label)}) if x == "spec" else d
     order = [_label(o) for o in order] if x == "spec" else order
+    color = None if hue else sns.color_palette()[0]
     if kind == "bar":
-        sns.barplot(data=plot_d, x=x, y="value", order=order, errorbar="sd", ax=ax, color=sns.color_palette()[0])
-        sns.stripplot(data=plot_d, x=x, y="value", order=order, ax=ax, color="black", size=3, alpha=0.6)
+        sns.barplot(data=plot_d, x=x, y="value", order=order, hue=hue, errorbar="sd", ax=ax, color=color)
+        if hue is None:
+            sns.stripplot(data=plot_d, x=x, y="value", order=order, ax=ax, color="black", size=3, alpha=0.6)
     elif kind == "line":
-        sns.pointplot(data=plot_d, x=x, y="value", order=order, errorbar="sd", ax=ax)
+        sns.pointplot(data=plot_d, x=x, y="value", order=order, hue=hue, errorbar="sd", ax=ax, color=color)
     else:
         raise ValueError(f"kind must be 'bar' or 'line', got {kind!r}")
     if x == "spec":
@@ -78,6 +81,8 @@ def effect_by_layer(df, metric: str | None = None, *, x: str | None = None, kind
     ax.set_ylabel(f"{metric} (effect vs. unablated run)")
     ax.set_title(title or f"Effect of each ablation on {metric}\n(bars: mean, error bars: s.d. over {n_seeds} seed(s) "
                  f"and prompts)", fontsize=10)
+    if hue and ax.get_legend() is not None:
+        ax.legend(title="knocked-out quadrant (query → key)" if hue == "quadrant" else hue, bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8)
     sns.despine(ax=ax)
     return finish(fig, path)
 

@@ -115,3 +115,22 @@ def test_default_pipeline_offline():
     kw = cli.default_run_kwargs(pipe)
     assert set(kw) == {"num_inference_steps", "guidance_scale", "max_sequence_length"}
     assert hasattr(pipe, "transformer")
+
+
+def test_sweep_writes_table_and_figures_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--kind", "skip-layers", "--model", "tiny", "--steps", "2", "--seeds", "0", "--out", str(out),
+            "--strip", "2", "--no-progress"]
+    assert cli.main(argv) == 0
+    df = pd.read_csv(out / "sweep.csv")
+    assert list(df.columns) == ["prompt", "seed", "spec", "spec_index", "metric", "step", "value"]
+    assert sorted(df.spec_index.unique()) == [0, 1, 2, 3]
+    for name in ("effect_by_layer.png", "step_effects.png", "image_strip.png"):
+        assert (out / name).stat().st_size > 0
+    assert "skip block 0" in capsys.readouterr().out
+    assert cli.main(argv) == 2 and "--resume" in capsys.readouterr().err  # refuses to overwrite
+    df[df.spec_index < 2].to_csv(out / "sweep.csv", index=False)  # as if interrupted after two specs
+    assert cli.main(argv + ["--resume", "--strip", "0"]) == 0
+    again = pd.read_csv(out / "sweep.csv")
+    assert len(again) == len(df) and sorted(again.spec_index.unique()) == [0, 1, 2, 3]
+    assert cli.main(argv + ["--metric", "velocity_mse"]) == 2 and "unknown --metric" in capsys.readouterr().err

@@ -163,3 +163,11 @@ def test_image_strip(recorded, tmp_path):
                            path=tmp_path / "s.png")
     assert [ax.get_title() for ax in fig.axes] == ["baseline", "array", "tensor"]
     assert (tmp_path / "s.png").exists()
+
+
+def test_plot_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, mmdit_probe, mmdit_probe.cli; assert 'matplotlib' not in sys.modules, 'eager matplotlib'"
+    subprocess.run([sys.executable, "-c", code], check=True)

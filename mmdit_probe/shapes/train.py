@@ -40,6 +40,7 @@ class TrainConfig:
     minutes: float = 27.0
     max_steps: int = 0
     vae_minutes: float = 4.0
+    decoder_minutes: float = 20.0  # decoder-only fine-tuning after the transformer (encoder frozen)
     n_scenes: int = 30000
     batch: int = 32
     vae_batch: int = 16
@@ -81,6 +82,38 @@ def train_vae(vae, images: torch.Tensor, tc: TrainConfig, log) -> float:
             bar.set_postfix(mse=f"{mse_avg:.4f}")
             log(f"vae step {step} mse {mse_avg:.4f}")
     bar.close()
+    vae.eval()
+    return float(mse_avg or 0.0)
+
+
+def finetune_decoder(vae, images: torch.Tensor, minutes: float, tc: TrainConfig, log) -> float:
+    """Train only the decoder (encoder frozen, so latents and the transformer stay valid); return MSE."""
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=tc.vae_lr / 2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(tc.seed + 29)
+    start, step, mse_avg = time.time(), 0, None
+    bar = tqdm(desc="decoder", unit="step", file=sys.stdout, mininterval=5)
+    vae.decoder.train()
+    while time.time() - start < minutes * 60:
+        x = images[torch.randint(len(images), (tc.vae_batch,), generator=g)]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=g)
+        rec = vae.decode(z).sample
+        weight = 1.0 + 4.0 * (x > -0.5).any(1, keepdim=True).float()
+        mse = (rec - x).pow(2).mean()
+        loss = ((rec - x).pow(2) * weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        mse_avg = mse.item() if mse_avg is None else 0.95 * mse_avg + 0.05 * mse.item()
+        bar.update(1)
+        if step % tc.log_every == 0:
+            bar.set_postfix(mse=f"{mse_avg:.4f}")
+            log(f"decoder step {step} mse {mse_avg:.4f}")
+    bar.close()
+    vae.requires_grad_(True)
     vae.eval()
     return float(mse_avg or 0.0)
 
@@ -236,9 +269,20 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
     elapsed = base_elapsed + time.time() - seg_start
     _save_ckpt(out, transformer, ema, opt, step, elapsed, losses)
     ema.eval()
+    dec_file = out / "vae_ft.safetensors"
+    if resume and dec_file.exists():
+        vae.load_state_dict(load_file(str(dec_file)))
+        dec_mse = json.loads((out / "vae_ft.json").read_text())["mse"]
+    elif tc.decoder_minutes > 0:
+        dec_mse = finetune_decoder(vae, images, tc.decoder_minutes, tc, log)
+        save_file(vae.state_dict(), str(dec_file))
+        (out / "vae_ft.json").write_text(json.dumps({"mse": dec_mse}))
+    else:
+        dec_mse = vae_mse
+    vae.register_to_config(scaling_factor=scale_f, shift_factor=shift_f)
     final_pipe = build_pipeline(mc, ema, vae)
     summary = {"steps": step, "transformer_minutes": round(elapsed / 60, 2), "final_loss": loss_avg,
-               "vae_mse": vae_mse, "train": dataclasses.asdict(tc),
+               "vae_mse": vae_mse, "decoder_mse": dec_mse, "train": dataclasses.asdict(tc),
                "total_wall_minutes_this_run": round((time.time() - t0) / 60, 2)}
     save_assets(final_pipe, mc, out / "final", extra={"training": summary})
     if ship:
@@ -257,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=d.minutes, help="transformer time budget (total, incl. resumed)")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (0: use --minutes)")
     p.add_argument("--vae-minutes", type=float, default=d.vae_minutes)
+    p.add_argument("--decoder-minutes", type=float, default=d.decoder_minutes)
     p.add_argument("--n-scenes", type=int, default=d.n_scenes)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--ckpt-minutes", type=float, default=d.ckpt_minutes)
@@ -270,6 +315,7 @@ def train_main(argv: list[str] | None = None) -> dict:
     """CLI entry point."""
     a = build_parser().parse_args(argv)
     tc = TrainConfig(out=a.out, minutes=a.minutes, max_steps=a.max_steps, vae_minutes=a.vae_minutes,
+                     decoder_minutes=a.decoder_minutes,
                      n_scenes=a.n_scenes, batch=a.batch, ckpt_minutes=a.ckpt_minutes, seed=a.seed)
     return train(tc, resume=a.resume, ship=a.ship)
 

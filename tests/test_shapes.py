@@ -1,0 +1,121 @@
+"""Tests of the shapes world, its detector, the shipped trained model and the training script."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmdit_probe.shapes.detect import check_prompt, colour_masks
+from mmdit_probe.shapes.world import (
+    COLOURS, WorldConfig, all_captions, is_heldout_caption, make_batch, parse_caption, world_vocab,
+)
+
+# Measured on the shipped weights (docs/shapes.md); asserted with a margin below.
+MEASURED = json.loads("""__MEASURED__""")
+
+
+def test_world_is_deterministic():
+    a, b = make_batch(64, 3), make_batch(64, 3)
+    assert a.captions == b.captions
+    np.testing.assert_array_equal(a.images, b.images)
+    assert make_batch(64, 4).captions != a.captions
+
+
+def test_masks_and_captions_agree():
+    batch = make_batch(200, 1)
+    for s in batch.scenes:
+        objs, rel = parse_caption(s.caption)
+        assert [(o.colour, o.shape) for o in s.objects] == objs and s.relation == rel
+        assert len(s.masks) == len(objs) and not (s.masks.sum(0) > 1).any()  # no overlap
+        for o, m in zip(s.objects, s.masks):
+            assert m.sum() > 100 and np.allclose(s.image[m], COLOURS[o.colour])
+        assert np.allclose(s.image[~s.masks.any(0)], 0.0)
+        assert not is_heldout_caption(s.caption)
+        assert set(s.caption.split()) <= set(world_vocab())
+
+
+def test_heldout_split():
+    held = make_batch(100, 2, split="heldout")
+    assert all(is_heldout_caption(c) for c in held.captions)
+    pairs = WorldConfig().heldout_pairs
+    train = make_batch(500, 2)
+    assert not any(o in pairs for c in train.captions for o in parse_caption(c)[0])
+    assert 0 < sum(map(is_heldout_caption, all_captions())) < len(all_captions())
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_detector_on_ground_truth(split):
+    batch = make_batch(300, 7, split=split)
+    checks = [check_prompt(s.image, s.caption) for s in batch.scenes]
+    assert np.mean([c.all for c in checks]) >= 0.95
+    for s in batch.scenes[:50]:  # detector colour masks equal the ground-truth masks
+        masks = colour_masks(s.image)
+        for o, m in zip(s.objects, s.masks):
+            np.testing.assert_array_equal(masks[o.colour], m)
+
+
+def test_detector_rejects_wrong_captions():
+    s = make_batch(1, 0).scenes[0]
+    o = s.objects[0]
+    other_colour = next(c for c in COLOURS if c not in {x.colour for x in s.objects})
+    assert not check_prompt(s.image, f"a {other_colour} {o.shape}").colour
+    other_shape = next(sh for sh in ("circle", "square", "triangle") if sh != o.shape)
+    assert not check_prompt(s.image, f"a {o.colour} {other_shape}").shape
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from mmdit_probe.shapes import shapes_pipeline
+
+    return shapes_pipeline()
+
+
+def test_shipped_pipeline_loads_and_generates(pipe):
+    from diffusers import StableDiffusion3Pipeline
+
+    assert isinstance(pipe, StableDiffusion3Pipeline)
+    out = pipe("a red circle", num_inference_steps=4, max_sequence_length=pipe.shapes_config.max_sequence_length,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+
+
+def test_small_evaluation_matches_measured(pipe):
+    from mmdit_probe.shapes.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(n=16, steps=MEASURED["steps"], batch=16, ablations=False)
+    rep = evaluate(pipe, cfg, log=lambda m: None)
+    assert rep["adherence"]["colour"] >= MEASURED["colour"] - 0.15
+    assert rep["adherence"]["all"] >= MEASURED["all"] - 0.2
+    g = rep["grounding"]
+    best = max(g[str(L)]["colour"]["pointing"] for L in range(len(pipe.transformer.transformer_blocks)))
+    assert best >= MEASURED["best_colour_pointing"] - 0.2
+    assert best > 2 * g["chance_pointing"]
+
+
+def test_zero_text_ablation_hurts(pipe):
+    from mmdit_probe.shapes.evaluate import EvalConfig, ablation_context, adherence, generate, heldout_prompts
+
+    cfg = EvalConfig(n=8, steps=MEASURED["steps"], batch=8)
+    prompts = heldout_prompts(8, 1)
+    base = adherence(generate(pipe, prompts, cfg)[0], prompts)
+    with ablation_context(pipe, "zero_text_pooled"):
+        zero = adherence(generate(pipe, prompts, cfg)[0], prompts)
+    assert zero["all"] <= base["all"] and zero["colour"] < base["colour"]
+
+
+def test_training_smoke_and_resume(tmp_path):
+    from mmdit_probe.shapes.train import TrainConfig, train
+
+    tc = TrainConfig(out=str(tmp_path), max_steps=2, vae_minutes=0.02, decoder_minutes=0.01, n_scenes=64, batch=4,
+                     vae_batch=4, ckpt_minutes=100.0)
+    s1 = train(tc)
+    assert s1["steps"] == 2
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 2
+    s2 = train(TrainConfig(**{**tc.__dict__, "max_steps": 3}), resume=True)
+    assert s2["steps"] == 3
+    from mmdit_probe.shapes import shapes_pipeline
+
+    assert shapes_pipeline(path=tmp_path / "final").transformer.config.num_layers == 4
