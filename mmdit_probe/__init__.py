@@ -13,6 +13,12 @@ from .result import AttentionResult
 from .io import ResultsFileError
 from .describe import Description, DescriptionRow, describe
 from .compare import Comparison, LoraCounts, branch_view, compare, lora_parameter_counts, plot_difference
+from .ablate import Intervention, check_specs, intervene
+from .ablate_specs import AblateHeads, KnockOut, Patch, SkipLayers, Spec, ZeroText
+from .ablate_calls import AblationError
+from .ablate_cache import ActivationCache, HeadMeans, record_activations, record_head_means
+from .effect import DEFAULT_METRICS, Metric, cosine, mse, psnr, run_pipeline, run_with_effects
+from .sweep import ablate_each_head, knock_out_each_quadrant, skip_each_layer, sweep, zero_text_each_layer
 from .steps import Schedule, StepStudy, image_convergence, interpolate_at_sigmas, layer_groups, plot_mass_vs_sigma, schedule, step_count_study
 
 __version__ = "0.1.0"
@@ -40,4 +46,8 @@ __all__ = [
     "lora_parameter_counts", "LoraCounts", "step_count_study", "StepStudy", "interpolate_at_sigmas",
     "plot_mass_vs_sigma", "image_convergence", "schedule", "Schedule", "layer_groups", "tiny_sd3_pipeline", "load_pipeline", "WeightsNotAvailableError",
     "default_pipeline", "default_run_kwargs",
+    "intervene", "Intervention", "check_specs", "AblateHeads", "KnockOut", "Patch", "SkipLayers", "Spec", "ZeroText",
+    "AblationError", "ActivationCache", "HeadMeans", "record_activations", "record_head_means", "DEFAULT_METRICS",
+    "Metric", "cosine", "mse", "psnr", "run_pipeline", "run_with_effects", "sweep", "skip_each_layer",
+    "zero_text_each_layer", "knock_out_each_quadrant", "ablate_each_head",
 ]

@@ -4,8 +4,8 @@
 ...     ablated = pipe(prompt, generator=torch.manual_seed(0)).images[0]
 
 Specs compose; each is validated (and the set checked for contradictions) before anything runs, and
-run-dependent checks (step count, CFG rows, prompt words) happen on the first transformer call,
-before any block computes. Whole-block skips pass diffusers' own ``skip_layers``; other block-level
+run-dependent checks (step count, CFG rows, prompt words) happen at the start of every transformer
+call, before any block computes. Whole-block skips pass diffusers' own ``skip_layers``; other block-level
 specs are forward (pre-)hooks on ``JointTransformerBlock`` / its ``attn``; attention-level specs are
 edits of the :class:`~mmdit_probe.processors.ProbeProcessor`, so an ``AttentionRecorder`` inside the
 ``with`` block records the ablated attention. Steps count transformer calls since entering.
@@ -18,7 +18,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .ablate_calls import AblationError, CallState, CallTracker, block_inputs, put_rows, replace_block_input
-from .ablate_specs import AblateHeads, KnockOut, Patch, SkipLayers, Spec, ZeroText, check_conflicts
+from .ablate_conflicts import check_conflicts
+from .ablate_specs import AblateHeads, KnockOut, Patch, SkipLayers, Spec, ZeroText
 from .layout import TokenLayout
 from .processors import resolve_transformer
 from .stats import attention_with_lse
@@ -46,8 +47,8 @@ class Intervention:
             raise RuntimeError("this intervention is already active")
         check_specs(self.transformer, *self.specs)
         self._check_layout_now()
-        self._tracker = CallTracker(self.model, self, layout=self.layout, branches=self.branches, on_call=self._on_call)
-        self._tracker.start()
+        self._tracker = CallTracker(self.model, self, layout=self.layout, branches=self.branches,
+                                    on_call=self._on_call).start()
         try:
             for spec in self.specs:
                 self._install(spec)
@@ -327,7 +328,8 @@ def intervene(model: Any, *specs: Spec | Iterable[Spec], layout: TokenLayout | S
               branches: Sequence[str] | None = None) -> Intervention:
     """Context manager applying ablation ``specs`` to ``model`` (pipeline or ``SD3Transformer2DModel``).
 
-    Restores processors and hooks on exit, also after an exception. ``layout`` (one
+    Restores processors and hooks on exit, also after an exception. Steps count transformer calls
+    from entry and keep counting across pipeline calls: enter once per run when selecting steps. ``layout`` (one
     ``TokenLayout`` or one per batch row) and ``branches`` (``"uncond"``/``"cond"`` per row) describe
     the batch of a bare transformer; a pipeline's are read from its call. Lists of specs are flattened.
     """

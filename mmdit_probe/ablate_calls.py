@@ -32,7 +32,7 @@ class CallState:
     batch: int
     branches: tuple[str, ...]
     layouts: tuple[TokenLayout, ...] | None
-    n_steps: int | None  # transformer calls this pipeline run makes (upper bound), None for a bare transformer
+    n_steps: int | None  # denoising steps of this pipeline run, None for a bare transformer
     pipeline: bool
 
     def rows(self, branch: str | None) -> tuple[int, ...]:
@@ -149,9 +149,8 @@ class CallTracker:
             return False
 
     def _is_slg_call(self, kwargs: dict) -> bool:
-        """The extra cond-only call of skip-layer guidance (it passes the pipeline's ``skip_guidance_layers``)."""
-        slg = getattr(self.pipe, "_skip_guidance_layers", None) if self.pipe is not None else None
-        return slg is not None and kwargs.get("skip_layers") is not None and list(kwargs["skip_layers"]) == list(slg)
+        """The extra cond-only call of skip-layer guidance: the pipeline passes ``skip_layers`` only there."""
+        return self.pipe is not None and self._cfg() and kwargs.get("skip_layers") is not None
 
     def _branches(self, batch: int, slg: bool) -> tuple[str, ...]:
         if self.branch_names is not None:
@@ -183,7 +182,4 @@ class CallTracker:
         timesteps = getattr(self.pipe.scheduler, "timesteps", None)
         if timesteps is None:
             return None
-        n = len(timesteps)
-        if getattr(self.pipe, "_skip_guidance_layers", None) is not None and self._cfg():
-            n *= 2  # skip-layer guidance adds a cond-only call in part of the steps
-        return n
+        return len(timesteps)  # skip-layer guidance adds calls, but they cannot be foreseen: not selectable

@@ -10,12 +10,14 @@ call), ``branch`` is ``"cond"``, ``"uncond"`` or ``None`` (both halves of the ``
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 
 from .ablate_calls import BRANCHES, AblationError, CallState
+from .ablate_conflicts import Touch
 from .layout import TEXT_GROUPS, TokenLayout, normalise_word
 from .maps import parse_quadrant, quadrant_name
 
@@ -36,8 +38,14 @@ GROUP_ALIASES: dict[str, tuple[str, ...]] = {
 def _ints(x: int | Iterable[int] | None, what: str, spec: str) -> tuple[int, ...] | None:
     if x is None:
         return None
-    vals = (x,) if isinstance(x, int) or (isinstance(x, torch.Tensor) and x.dim() == 0) else tuple(x)
-    out = tuple(dict.fromkeys(int(i) for i in vals))
+    try:
+        vals: tuple = (operator.index(x),)  # one int (also numpy / 0-d tensor ints)
+    except TypeError:
+        vals = tuple(x)
+    try:
+        out = tuple(dict.fromkeys(operator.index(i) for i in vals))
+    except TypeError:
+        raise AblationError(f"{spec}: {what} must be integer indices, got {x!r}") from None
     if not out:
         raise AblationError(f"{spec}: empty {what} selection; pass None for all {what} or at least one index")
     return out
@@ -82,17 +90,6 @@ def _check_range(spec: str, values: tuple[int, ...] | None, n: int, what: str) -
         raise AblationError(f"{spec}: {what} {bad} out of range: this model has {what}s 0..{n - 1}")
 
 
-@dataclass(frozen=True)
-class Touch:
-    """One place a spec writes to (for conflict checks): ``what`` at ``layer`` during ``steps``/``branch``."""
-
-    layer: int | None
-    what: str
-    steps: tuple[int, ...] | None
-    branch: str | None
-    heads: tuple[int, ...] | None = None
-
-
 class Spec:
     """Base of the ablation specs. Subclasses are frozen dataclasses."""
 
@@ -129,8 +126,8 @@ class Spec:
             bad = [s for s in self.steps if s >= state.n_steps]
             if bad:
                 raise AblationError(
-                    f"{self.describe()}: steps {bad} out of range: this run makes {state.n_steps} transformer "
-                    f"calls (steps 0..{state.n_steps - 1})"
+                    f"{self.describe()}: steps {bad} out of range: this run has {state.n_steps} denoising steps "
+                    f"(steps 0..{state.n_steps - 1}; a step is one transformer call)"
                 )
         if not state.rows(self.branch):
             raise AblationError(
@@ -330,7 +327,7 @@ class AblateHeads(Spec):
     layers: Iterable[int] | None = None
     heads: Iterable[int] | None = None
     mode: str = "zero"
-    reference: Any = field(default=None, compare=False, repr=False)
+    reference: Any = field(default=None, repr=False)
     attention: str = "attn"
     steps: Iterable[int] | None = None
     branch: str | None = None
@@ -382,7 +379,7 @@ class Patch(Spec):
     index: step ``s`` here receives step ``s`` of the source run. The batch must match the source's.
     """
 
-    source: Any = field(compare=False, repr=False)
+    source: Any = field(repr=False)
     layers: Iterable[int] | None = None
     steps: Iterable[int] | None = None
     stream: str = "image"
@@ -430,49 +427,3 @@ class Patch(Spec):
         if self.stream == "pooled":
             return [Touch(None, what, self.steps, self.branch)]
         return [Touch(l, what, self.steps, self.branch) for l in self.layer_list(transformer)]
-
-
-# ---- conflicts --------------------------------------------------------------------------
-_WRITES = ("attn_out", "attn2_out", "image_out", "text_out", "pooled")
-
-
-def _overlap(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> bool:
-    return a is None or b is None or bool(set(a) & set(b))
-
-
-def _clash(a: Touch, b: Touch) -> str | None:
-    """Why two touches contradict each other, or None."""
-    if a.layer != b.layer or not _overlap(a.steps, b.steps) or not (a.branch is None or b.branch is None or a.branch == b.branch):
-        return None
-    kinds = {a.what, b.what}
-    if "block" in kinds:
-        return "a skipped block cannot be ablated or patched at the same time"
-    if a.what == b.what and a.what in _WRITES:
-        return f"both write the same {a.what.replace('_', ' ')}"
-    inner = {w for w in kinds if w.startswith(("knock:", "heads:attn"))}
-    if "attn_out" in kinds and any(w in ("heads:attn",) or w.startswith("knock:") for w in inner):
-        return "the attention output is replaced, so an edit inside that attention has no effect"
-    if "attn2_out" in kinds and "heads:attn2" in kinds:
-        return "the attn2 output is replaced, so a head edit inside it has no effect"
-    if a.what == b.what and (a.what.startswith("knock:") or a.what.startswith("heads:")) and _overlap(a.heads, b.heads):
-        return "both change the same heads' attention (two knock-outs would leave the queries no keys)" \
-            if a.what.startswith("knock:") else "both replace the same heads"
-    return None
-
-
-def check_conflicts(specs: Iterable[Spec], transformer: torch.nn.Module) -> None:
-    """Raise :class:`AblationError` when two specs contradict each other."""
-    specs = list(specs)
-    touched = [(i, t) for i, s in enumerate(specs) for t in s.touches(transformer)]
-    for x in range(len(touched)):
-        i, a = touched[x]
-        for j, b in touched[x + 1:]:
-            if i == j:
-                continue
-            why = _clash(a, b)
-            if why:
-                where = "the model" if a.layer is None else f"block {a.layer}"
-                raise AblationError(
-                    f"specs contradict each other at {where}: {specs[i].describe()!r} and {specs[j].describe()!r} — {why}. "
-                    f"Drop one, or give them disjoint layers/steps/branches"
-                )

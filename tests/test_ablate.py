@@ -180,6 +180,30 @@ def test_zero_text_word_in_pipeline_touches_only_prompt_rows(pipe):
     assert torch.equal(out, reference) and not torch.equal(out, run_pipe(pipe))
 
 
+def test_zero_text_word_with_skip_layer_guidance(pipe):
+    """SLG adds a cond-only call (batch 1) at some steps: the prompt row is row 0 there."""
+    layout = TokenLayout.from_prompt(pipe, PROMPT, height=32, width=48, max_sequence_length=16)
+    pos = [p - layout.text_slice.start for p in layout.word_positions("red")]
+    batches = []
+
+    def zero_red(module, args, kwargs):
+        ehs = kwargs["encoder_hidden_states"].clone()
+        batches.append(ehs.shape[0])
+        ehs[ehs.shape[0] - 1, pos] = 0
+        return args, {**kwargs, "encoder_hidden_states": ehs}
+
+    slg = dict(num_inference_steps=6, skip_guidance_layers=[2])
+    h = pipe.transformer.transformer_blocks[1].register_forward_pre_hook(zero_red, with_kwargs=True)
+    try:
+        reference = run_pipe(pipe, **slg)
+    finally:
+        h.remove()
+    assert 1 in batches and 2 in batches
+    with intervene(pipe, ZeroText(layers=[1], words=["red"], branch="cond")):
+        out = run_pipe(pipe, **slg)
+    assert torch.equal(out, reference)
+
+
 def test_zero_pooled_equals_zero_pooled_projections(tr, inputs):
     reference = run(tr, {**inputs, "pooled_projections": torch.zeros_like(inputs["pooled_projections"])})
     with intervene(tr, ZeroText(pooled=True)):
@@ -504,7 +528,7 @@ def test_non_contradicting_neighbours_are_accepted(tr, inputs):
         run(tr, inputs)
 
 
-def test_patch_writing_the_same_site_twice_is_refused(tr, inputs):
+def test_patch_source_checks(tr, inputs):
     with record_activations(tr, layers=[1]) as cache:
         run(tr, inputs)
     with pytest.raises(AblationError, match="both write the same image out"):
@@ -516,11 +540,25 @@ def test_patch_writing_the_same_site_twice_is_refused(tr, inputs):
     with pytest.raises(AblationError, match="context_pre_only"):
         with intervene(tr, Patch(cache, layers=[3], stream="text")):
             pass
+    with record_activations(tr, layers=[1], streams=["image"], steps=[1], to="cpu") as later:
+        run(tr, inputs)
+        run(tr, inputs)
+    assert later.steps == (1,) and len(later) == 1
+    with pytest.raises(AblationError, match=r"no steps \[0\]"):
+        with intervene(tr, Patch(later, layers=[1], steps=[0, 1])):
+            pass
+    with pytest.raises(AblationError, match="did not record the 'text' stream"):
+        with intervene(tr, Patch(later, layers=[1], stream="text")):
+            pass
+    with intervene(tr, Patch(later, layers=[1])):  # steps default to every step: step 0 is missing
+        with pytest.raises(AblationError, match="no image activation at step 0"):
+            run(tr, inputs)
+    assert_restored(tr)
 
 
 @pytest.mark.parametrize("spec, match", [
     (ZeroText(words=["zebra"]), r"word 'zebra' is not in the prompt; words present: a, red, circle, left, of, blue, square"),
-    (KnockOut("image->text", steps=[0, 2]), r"steps \[2\] out of range: this run makes 2 transformer calls"),
+    (KnockOut("image->text", steps=[0, 2]), r"steps \[2\] out of range: this run has 2 denoising steps"),
     (SkipLayers([0], branch="uncond"), "selects no batch rows"),
     (ZeroText(groups=["clip_padding"], branch="uncond"), "selects no batch rows"),
 ])

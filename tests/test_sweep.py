@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
 from mmdit_probe.ablate_calls import AblationError
 from mmdit_probe.ablate_specs import KnockOut, SkipLayers, ZeroText
