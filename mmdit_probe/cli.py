@@ -53,7 +53,12 @@ def _register_builtins() -> None:
 
     for name, sub in {**cli_commands.COMMANDS, **cli_sweep.COMMANDS}.items():
         SUBCOMMANDS.setdefault(name, sub)
+    from .cli_shapes import DELEGATED, add_forwarded_arguments, run_delegated
     from .describe import add_describe_arguments, run_describe
+
+    for name, (_, _, help_) in DELEGATED.items():
+        SUBCOMMANDS.setdefault(name, Subcommand(add_forwarded_arguments, lambda a, n=name: run_delegated(n, a.options),
+                                                help_, f"{help_}. Run `{PROG} {name} --help` for its options."))
 
     SUBCOMMANDS.setdefault("describe", Subcommand(
         add_describe_arguments, run_describe, "components, shapes, MMDiT and scheduler of a pipeline",
@@ -93,13 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mmdit-probe``; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    from .cli_shapes import DELEGATED, run_delegated
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        if argv and argv[0] in DELEGATED:  # options are the shapes script's own (its --help lists them)
+            args = argparse.Namespace(command=argv[0], _run=lambda a: run_delegated(argv[0], argv[1:]))
+        else:
+            args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help / --version (0) and argparse errors (2)
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
     try:
         code = args._run(args)
+    except SystemExit as exit_:  # a forwarded script's argparse (--help: 0, bad options: 2)
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

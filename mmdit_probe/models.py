@@ -14,12 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
+from transformers.utils import logging as _hf_logging
+
+_verbosity = _hf_logging.get_verbosity()
+_hf_logging.set_verbosity_error()  # the pipeline import warns about torchvision-less image processors we never use
+try:
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+finally:
+    _hf_logging.set_verbosity(_verbosity)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from .tokenizers import DEFAULT_VOCAB, make_clip_tokenizer, make_t5_tokenizer, normalize_words

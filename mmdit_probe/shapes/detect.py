@@ -9,7 +9,7 @@ import numpy as np
 from .world import COLOURS, parse_caption
 
 __all__ = ["DetectorConfig", "ObjectDetection", "PromptCheck", "colour_masks", "detect_object", "check_prompt",
-           "classify_fill"]
+           "classify_fill", "largest_component"]
 
 _PALETTE = np.array([(0.0, 0.0, 0.0), *COLOURS.values()], np.float32)  # index 0 = black background
 _NAMES = ("background", *COLOURS)
@@ -49,12 +49,30 @@ class PromptCheck:
 
 
 def colour_masks(image: np.ndarray, cfg: DetectorConfig = DetectorConfig()) -> dict[str, np.ndarray]:
-    """Boolean ``[H, W]`` mask per palette colour: pixels nearest to it and within ``max_distance``."""
+    """Boolean ``[H, W]`` mask per palette colour: pixels nearest to it and within ``max_distance``
+    (all such pixels; :func:`detect_object` then keeps the largest connected blob)."""
     img = np.clip(np.asarray(image, np.float32), 0, 1)
     d = np.linalg.norm(img[..., None, :] - _PALETTE, axis=-1)  # [H, W, 5]
     nearest = d.argmin(-1)
     close = d.min(-1) <= cfg.max_distance
     return {name: (nearest == i) & close for i, name in enumerate(_NAMES) if i > 0}
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a boolean mask (min-label propagation, vectorised)."""
+    if not mask.any():
+        return mask.copy()
+    big = mask.size + 1
+    lab = np.where(mask, np.arange(mask.size).reshape(mask.shape), big)
+    while True:
+        p = np.pad(lab, 1, constant_values=big)
+        nb = np.minimum.reduce([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+        nb = np.where(mask, nb, big)
+        if np.array_equal(nb, lab):
+            break
+        lab = nb
+    ids, counts = np.unique(lab[mask], return_counts=True)
+    return lab == ids[counts.argmax()]
 
 
 def classify_fill(fill: float, cfg: DetectorConfig = DetectorConfig()) -> str:
@@ -65,7 +83,8 @@ def classify_fill(fill: float, cfg: DetectorConfig = DetectorConfig()) -> str:
 
 
 def detect_object(mask: np.ndarray, colour: str, cfg: DetectorConfig = DetectorConfig()) -> ObjectDetection:
-    """Presence, fill ratio, shape and centroid of the pixels in ``mask``."""
+    """Presence, fill ratio, shape and centroid of the largest connected blob of ``mask``."""
+    mask = largest_component(mask)
     ys, xs = np.nonzero(mask)
     n = len(xs)
     if n < cfg.min_pixels:

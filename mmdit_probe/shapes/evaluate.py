@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .detect import DetectorConfig, check_prompt, colour_masks
+from .detect import DetectorConfig, check_prompt, colour_masks, largest_component
 from .world import all_captions, is_heldout_caption, parse_caption, WorldConfig
 
 __all__ = ["EvalConfig", "heldout_prompts", "generate", "adherence", "grounding", "ablation_context",
@@ -33,7 +33,7 @@ class EvalConfig:
 
     n: int = 32
     steps: int = 20
-    guidance: float = 4.0
+    guidance: float = 7.0
     seed: int = 0
     batch: int = 16
     ablations: bool = True
@@ -96,7 +96,7 @@ def grounding(images: np.ndarray, prompts: list[str], results: list, n_layers: i
               det: DetectorConfig = DetectorConfig()) -> dict:
     """Per layer (and ``"mean"`` over layers): pointing accuracy and IoU of colour and shape words.
 
-    The object mask is the detector's colour mask of the *generated* image; objects the detector
+    The object mask is the detector's colour mask (largest blob) of the *generated* image; objects the detector
     does not find are skipped (counted in ``n``). A shape word is scored only if it is unique in its
     prompt. ``chance`` is the mean mask area fraction (pointing accuracy of a random point)."""
     layers: list[int | str] = list(range(n_layers)) + ["mean"]
@@ -111,7 +111,7 @@ def grounding(images: np.ndarray, prompts: list[str], results: list, n_layers: i
             masks = colour_masks(images[idx], det)
             shape_counts = {s: sum(1 for _, t in objs if t == s) for _, s in objs}
             for colour, shape in objs:
-                mask = masks[colour]
+                mask = largest_component(masks[colour])
                 if mask.sum() < det.min_pixels:
                     continue
                 areas.append(mask.mean())

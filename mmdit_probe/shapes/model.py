@@ -38,7 +38,7 @@ class ModelConfig:
     scheduler_shift: float = 1.0
     encoder_seed: int = 0
     default_steps: int = 20
-    default_guidance: float = 4.0
+    default_guidance: float = 7.0
 
 
 def build_vae(cfg: ModelConfig) -> AutoencoderKL:
@@ -129,7 +129,7 @@ def shapes_pipeline(device: str = "cpu", torch_dtype: torch.dtype = torch.float3
                     path: str | Path | None = None) -> StableDiffusion3Pipeline:
     """The trained shapes-world SD3 pipeline from the shipped weights (no download).
 
-    Generate 64x64 images with ``pipe(prompt, num_inference_steps=20, guidance_scale=4.0,
+    Generate 64x64 images with ``pipe(prompt, num_inference_steps=20, guidance_scale=7.0,
     max_sequence_length=12)``; ``max_sequence_length`` must be the trained one (see
     ``pipe.shapes_config``).
     """

@@ -40,7 +40,7 @@ class TrainConfig:
     minutes: float = 27.0
     max_steps: int = 0
     vae_minutes: float = 4.0
-    decoder_minutes: float = 20.0  # decoder-only fine-tuning after the transformer (encoder frozen)
+    decoder_minutes: float = 5.0  # decoder-only fine-tuning after the transformer (encoder frozen)
     n_scenes: int = 30000
     batch: int = 32
     vae_batch: int = 16

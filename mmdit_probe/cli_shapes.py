@@ -1,0 +1,30 @@
+"""``mmdit-probe train-shapes`` / ``evaluate-shapes``: hand the rest of the command line to the shapes scripts.
+
+Their options are defined once, in :mod:`mmdit_probe.shapes.train` / :mod:`mmdit_probe.shapes.evaluate`
+(``python -m mmdit_probe.shapes.train --help`` shows the same); the subcommands here only forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Sequence
+
+#: subcommand -> (module, entry point taking argv)
+DELEGATED = {
+    "train-shapes": ("mmdit_probe.shapes.train", "train_main",
+                     "train the embedded shapes model (VAE + MMDiT) on this CPU; resumable checkpoints"),
+    "evaluate-shapes": ("mmdit_probe.shapes.evaluate", "evaluate_main",
+                        "measure the shapes model: prompt adherence, word grounding per layer, ablation sanity"),
+}
+
+
+def run_delegated(name: str, argv: Sequence[str]) -> int:
+    module, func, _ = DELEGATED[name]
+    entry = getattr(importlib.import_module(module), func)
+    entry(list(argv))
+    return 0
+
+
+def add_forwarded_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="options of the script (see --help)")
