@@ -24,6 +24,10 @@ from .steps import Schedule, StepStudy, image_convergence, interpolate_at_sigmas
 __version__ = "0.1.0"
 
 def __getattr__(name):  # keep `import mmdit_probe` light: models pull in diffusers pipelines lazily
+    if name in ("shapes_pipeline", "shapes_prompt_examples"):
+        from . import shapes
+
+        return getattr(shapes, name)
     if name in ("default_pipeline", "default_run_kwargs"):
         from . import cli
 
@@ -45,7 +49,7 @@ __all__ = [
     "describe", "Description", "DescriptionRow", "compare", "Comparison", "branch_view", "plot_difference",
     "lora_parameter_counts", "LoraCounts", "step_count_study", "StepStudy", "interpolate_at_sigmas",
     "plot_mass_vs_sigma", "image_convergence", "schedule", "Schedule", "layer_groups", "tiny_sd3_pipeline", "load_pipeline", "WeightsNotAvailableError",
-    "default_pipeline", "default_run_kwargs",
+    "default_pipeline", "default_run_kwargs", "shapes_pipeline", "shapes_prompt_examples",
     "intervene", "Intervention", "check_specs", "AblateHeads", "KnockOut", "Patch", "SkipLayers", "Spec", "ZeroText",
     "AblationError", "ActivationCache", "HeadMeans", "record_activations", "record_head_means", "DEFAULT_METRICS",
     "Metric", "cosine", "mse", "psnr", "run_pipeline", "run_with_effects", "sweep", "skip_each_layer",

@@ -280,6 +280,11 @@ class AttentionRecorder:
         return out
 
     def _word_maps(self, call, q, k, lse, layouts) -> torch.Tensor:
+        """``[B, heads|1, words, n_image]``: image→word mass, from one small ``q_img·k_wordsᵀ`` block per row group.
+
+        Only the word tokens' columns are formed (``n_image × n_word_tokens`` per head, chunked over
+        queries to stay under ``_WORD_BLOCK_BYTES``), never the image→image block.
+        """
         B, H = q.shape[:2]
         img = call.image_slice
         words = self._word_list or ()
@@ -287,14 +292,24 @@ class AttentionRecorder:
         out = torch.full((B, heads, len(words), call.n_image), float("nan"), device=q.device)
         if not call.n_text:
             return out
-        for wi, word in enumerate(words):
-            by_pos = _rows_by_positions(layouts, lambda lay: _safe_word_positions(lay, word))
-            for rows, pos in by_pos.items():
-                if not pos:
-                    continue
-                r = list(rows)
-                m = key_set_mass(lse_over_keys(q[r][:, :, img], k[r][:, :, list(pos)], call.scale), lse[r][..., img])
-                out[r, :, wi] = m if heads == H else m.mean(1, keepdim=True)
+        per_row = _rows_by_positions(layouts, lambda lay: tuple(tuple(_safe_word_positions(lay, w)) for w in words))
+        for rows, word_pos in per_row.items():
+            cols = [p for pos in word_pos for p in pos]
+            if not cols:
+                continue
+            r = list(rows)
+            qi, kw, lse_i = q[r][:, :, img].float(), k[r][:, :, cols].float(), lse[r][..., img]
+            chunk = max(1, _WORD_BLOCK_BYTES // max(1, 4 * len(r) * H * len(cols)))
+            for start in range(0, call.n_image, chunk):
+                sl = slice(start, start + chunk)
+                logits = torch.matmul(qi[:, :, sl], kw.transpose(-1, -2)) * call.scale  # [b, H, chunk, cols]
+                first = 0
+                for wi, pos in enumerate(word_pos):
+                    if pos:
+                        lse_w = torch.logsumexp(logits[..., first : first + len(pos)], dim=-1)
+                        m = torch.exp(lse_w - lse_i[..., sl])
+                        out[r, :, wi, sl] = m if heads == H else m.mean(1, keepdim=True)
+                    first += len(pos)
         return out
 
     def _record_map(self, m: MapSelection, step, call, q, k, lse) -> None:
@@ -315,6 +330,9 @@ class AttentionRecorder:
     # ---- result -----------------------------------------------------------------------
     def _assemble(self) -> AttentionResult:
         return assemble_result(self)
+
+
+_WORD_BLOCK_BYTES = 64 << 20  # cap on the q_img·k_wordsᵀ block formed at once
 
 
 class _Observer:

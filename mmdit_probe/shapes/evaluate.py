@@ -2,9 +2,10 @@
 
 ``python -m mmdit_probe.shapes.evaluate [--n N] [--steps S] [--out FILE.json] [--weights DIR]``
 
-Ablations are implemented here with plain forward hooks on ``pipe.transformer.transformer_blocks``
-(``zero_text``: the text stream entering every block is zeroed; ``zero_text_pooled``: also the
-pooled text vector that modulates every block; ``skip_L``: block ``L`` returns its inputs).
+Ablations use the library's interventions (``mmdit_probe.intervene``): ``zero_text`` =
+``ZeroText()`` (the text stream entering every block is zeroed), ``zero_text_pooled`` = that plus
+``ZeroText(pooled=True)`` (the pooled text vector that modulates every block), ``skip_L`` =
+``SkipLayers([L])`` (block ``L`` passes both streams through).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -136,42 +136,22 @@ def grounding(images: np.ndarray, prompts: list[str], results: list, n_layers: i
     return out
 
 
-@contextlib.contextmanager
-def ablation_context(pipe, name: str) -> Iterator[None]:
-    """Hooks for ``"none"``, ``"zero_text"``, ``"zero_text_pooled"`` or ``"skip_<L>"``; removed on exit."""
-    blocks = pipe.transformer.transformer_blocks
-    handles = []
+def ablation_context(pipe, name: str):
+    """The library intervention for ``"none"``, ``"zero_text"`` (:class:`~mmdit_probe.ZeroText` at every
+    block), ``"zero_text_pooled"`` (also ``ZeroText(pooled=True)``) or ``"skip_<L>"``
+    (:class:`~mmdit_probe.SkipLayers`); a context manager that restores the pipeline on exit."""
+    from ..ablate import intervene
+    from ..ablate_specs import SkipLayers, ZeroText
 
-    def zero_text(module, args, kwargs):
-        if "encoder_hidden_states" in kwargs:
-            kwargs["encoder_hidden_states"] = torch.zeros_like(kwargs["encoder_hidden_states"])
-            return args, kwargs
-        args = list(args)
-        args[1] = torch.zeros_like(args[1])
-        return tuple(args), kwargs
-
-    def zero_pooled(module, args, kwargs):
-        kwargs["pooled_projections"] = torch.zeros_like(kwargs["pooled_projections"])
-        return args, kwargs
-
-    def skip(module, args, kwargs, output):
-        hs = kwargs.get("hidden_states", args[0] if args else None)
-        ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        return (None if module.context_pre_only else ehs), hs
-
-    try:
-        if name in ("zero_text", "zero_text_pooled"):
-            handles += [b.register_forward_pre_hook(zero_text, with_kwargs=True) for b in blocks]
-            if name == "zero_text_pooled":
-                handles.append(pipe.transformer.register_forward_pre_hook(zero_pooled, with_kwargs=True))
-        elif name.startswith("skip_"):
-            handles.append(blocks[int(name[5:])].register_forward_hook(skip, with_kwargs=True))
-        elif name != "none":
-            raise ValueError(f"unknown ablation {name!r}")
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    if name == "none":
+        return contextlib.nullcontext()
+    if name == "zero_text":
+        return intervene(pipe, ZeroText())
+    if name == "zero_text_pooled":
+        return intervene(pipe, ZeroText(), ZeroText(pooled=True))
+    if name.startswith("skip_"):
+        return intervene(pipe, SkipLayers([int(name[5:])]))
+    raise ValueError(f"unknown ablation {name!r}")
 
 
 def evaluate(pipe, cfg: EvalConfig = EvalConfig(), *, log=print) -> dict:

@@ -36,8 +36,8 @@ class WorldConfig:
 
     size: int = 64
     one_object_prob: float = 0.35
-    single_size: tuple[int, int] = (22, 34)
-    pair_size: tuple[int, int] = (18, 26)
+    single_size: tuple[int, int] = (26, 38)
+    pair_size: tuple[int, int] = (22, 28)
     min_gap: int = 4  # pixels between the two objects along the relation axis
     heldout_pairs: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"))
     heldout_fraction: float = 0.15  # of the remaining two-object captions, by a fixed hash
