@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .capture import PromptCapture
-from .layout import KEY_GROUPS, TokenLayout, stream_slices
+from .layout import KEY_GROUPS, TokenLayout, normalise_word, stream_slices
 from .maps import MapBudgetError, MapSelection, format_bytes
 from .processors import AttentionCall, CallInfo, ProbeController, resolve_transformer
 from .result import AttentionResult, assemble_result
@@ -185,8 +185,6 @@ class AttentionRecorder:
                 present.setdefault(w, None)
         if self.words is True:
             return tuple(present)
-        from .layout import normalise_word
-
         missing = [w for w in self.words if normalise_word(w) not in present]
         if missing:
             raise KeyError(f"word(s) {missing} not in the prompt; words present: {', '.join(present)}")

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .layout import KEY_GROUPS, QUERY_GROUPS, TokenLayout
+from .layout import KEY_GROUPS, QUERY_GROUPS, TokenLayout, normalise_word
 from .maps import parse_quadrant, quadrant_name
 from .named import Stat
 
@@ -29,7 +29,7 @@ STAT_DIMS: dict[str, tuple[str, ...]] = {
     "group_mass": ("query", "key_group"),
     "entropy": ("query",),
     "key_mass": ("query", "key_token"),
-    "word_map": ("head_or_mean", "word", "image_token"),
+    "word_map": ("word", "image_token"),  # after an optional head dim (word_heads="all")
 }
 LEAD_DIMS = ("step", "layer", "attention", "batch", "head")
 VALUE_NAMES = {"mass": "mass", "group_mass": "mass", "entropy": "entropy", "key_mass": "mass", "word_map": "mass"}
@@ -120,8 +120,6 @@ class AttentionResult:
                  attention: str = "attn", head: int | str = "mean", batch: int | Sequence[int] | None = None) -> torch.Tensor:
         """Image→``word`` attention over the image grid: ``[batch, h, w]`` (or ``[batch, head, h, w]``
         with ``head="all"``). Steps/layers given as a list or None (all) are averaged."""
-        from .layout import normalise_word
-
         st = self.stat("word_map")
         w = normalise_word(word)
         if w not in st.labels("word"):
@@ -186,14 +184,11 @@ def assemble_result(rec: Any) -> AttentionResult:
     stats: dict[str, Stat] = {}
     for name, t in tensors.items():
         t = t.cpu()
-        tail = STAT_DIMS[name]
         coords = dict(coords_base)
-        dims = LEAD_DIMS + tail
+        dims = LEAD_DIMS + STAT_DIMS[name]
         if name == "word_map":
-            head_dim = "head" if t.shape[4] == heads and rec.word_heads == "all" else None
-            dims = LEAD_DIMS[:4] + ((head_dim,) if head_dim else ()) + ("word", "image_token")
-            if head_dim is None:
-                t = t.squeeze(4)
+            if rec.word_heads != "all":  # recorded as the head mean
+                t, dims = t.squeeze(4), LEAD_DIMS[:4] + STAT_DIMS[name]
             coords["word"] = tuple(rec._word_list or ())
         coords.setdefault("head", tuple(range(heads)))
         if "query" in dims:
