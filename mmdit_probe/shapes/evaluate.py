@@ -1,6 +1,6 @@
 """Measure the shapes model: prompt adherence, grounding of colour/shape words, ablation sanity.
 
-``python -m mmdit_probe.shapes.evaluate [--n N] [--steps S] [--out FILE.json] [--weights DIR]``
+``python -m mmdit_probe.shapes.evaluate [--n N] [--steps S] [--out FILE.json] [--weights DIR] [--split S]``
 
 Ablations use the library's interventions (``mmdit_probe.intervene``): ``zero_text`` =
 ``ZeroText()`` (the text stream entering every block is zeroed), ``zero_text_pooled`` = that plus
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .detect import DetectorConfig, check_prompt, colour_masks, largest_component
 from .world import all_captions, is_heldout_caption, parse_caption, WorldConfig
 
-__all__ = ["EvalConfig", "heldout_prompts", "generate", "adherence", "grounding", "ablation_context",
+__all__ = ["EvalConfig", "heldout_prompts", "validation_prompts", "generate", "adherence", "grounding", "ablation_context",
            "evaluate", "evaluate_main", "build_parser", "format_report"]
 
 
@@ -37,6 +37,7 @@ class EvalConfig:
     seed: int = 0
     batch: int = 16
     ablations: bool = True
+    split: str = "heldout"  # "heldout": never-trained captions; "validation": training-distribution captions
 
 
 def heldout_prompts(n: int, seed: int = 0) -> list[str]:
@@ -51,6 +52,14 @@ def heldout_prompts(n: int, seed: int = 0) -> list[str]:
     out = list(rng.choice(unseen_pair, size=k, replace=k > len(unseen_pair)))
     out += list(rng.choice(other, size=n - k, replace=n - k > len(other)))
     return [str(c) for c in out]
+
+
+def validation_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` captions drawn like training scenes (training captions only), deterministic from ``seed``:
+    the model-selection set, kept apart from the held-out evaluation prompts."""
+    from .world import make_batch
+
+    return make_batch(n, 1_000_000 + seed, split="train").captions
 
 
 def generate(pipe, prompts: list[str], cfg: EvalConfig, recorder_factory=None) -> tuple[np.ndarray, list]:
@@ -159,17 +168,19 @@ def evaluate(pipe, cfg: EvalConfig = EvalConfig(), *, log=print) -> dict:
     from ..record import AttentionRecorder
 
     torch.set_num_threads(2)
-    prompts = heldout_prompts(cfg.n, cfg.seed)
+    if cfg.split not in ("heldout", "validation"):
+        raise ValueError(f"unknown split {cfg.split!r}")
+    prompts = (heldout_prompts if cfg.split == "heldout" else validation_prompts)(cfg.n, cfg.seed)
     pairs = WorldConfig().heldout_pairs
     unseen = [any(o in pairs for o in parse_caption(p)[0]) for p in prompts]
     n_layers = len(pipe.transformer.transformer_blocks)
     images, results = generate(pipe, prompts, cfg, lambda p: AttentionRecorder(p, words=True, word_heads="mean"))
     adh = adherence(images, prompts)
-    sub = {
+    sub = {} if cfg.split != "heldout" else {
         "unseen_pair": adherence(images[np.array(unseen)], [p for p, u in zip(prompts, unseen) if u]),
         "unseen_caption": adherence(images[~np.array(unseen)], [p for p, u in zip(prompts, unseen) if not u]),
     }
-    log(f"adherence on {len(prompts)} held-out prompts: {adh}")
+    log(f"adherence on {len(prompts)} {cfg.split} prompts: {adh}")
     ground = grounding(images, prompts, results, n_layers, cfg.batch)
     report = {"config": asdict(cfg), "prompts": prompts, "adherence": adh, "adherence_subsets": sub,
               "grounding": ground}
@@ -188,7 +199,8 @@ def evaluate(pipe, cfg: EvalConfig = EvalConfig(), *, log=print) -> dict:
 def format_report(report: dict) -> str:
     """Markdown tables of adherence, per-layer grounding and ablations."""
     lines = ["| prompts | colour | shape | relation | all |", "|---|---|---|---|---|"]
-    rows = [("held-out (all)", report["adherence"])] + list(report.get("adherence_subsets", {}).items())
+    name = "held-out (all)" if report["config"].get("split", "heldout") == "heldout" else "validation (all)"
+    rows = [(name, report["adherence"])] + list(report.get("adherence_subsets", {}).items())
     for name, a in rows:
         lines.append(f"| {name} | {a['colour']:.2f} | {a['shape']:.2f} | {a['relation']:.2f} | {a['all']:.2f} |")
     g = report["grounding"]
@@ -216,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--split", choices=("heldout", "validation"), default=d.split,
+                   help="held-out prompts (the reported figures) or training-distribution prompts (model selection)")
     p.add_argument("--weights", default=None, help="weights folder (default: the shipped assets)")
     p.add_argument("--out", default="shapes_eval.json", help="JSON report path")
     return p
@@ -227,7 +241,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
 
     a = build_parser().parse_args(argv)
     cfg = EvalConfig(n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed, batch=a.batch,
-                     ablations=not a.no_ablations)
+                     ablations=not a.no_ablations, split=a.split)
     pipe = shapes_pipeline(path=a.weights)
     report = evaluate(pipe, cfg, log=lambda m: print(m, file=sys.stdout, flush=True))
     with open(a.out, "w") as f:

@@ -37,7 +37,7 @@ class TrainConfig:
     """Training hyper-parameters (minutes are wall-clock budgets)."""
 
     out: str = "shapes_run"
-    minutes: float = 32.0
+    minutes: float = 30.0
     max_steps: int = 0
     vae_minutes: float = 4.0
     decoder_minutes: float = 2.0  # decoder-only fine-tuning after the transformer (encoder frozen)
@@ -53,6 +53,7 @@ class TrainConfig:
     ckpt_minutes: float = 3.0
     seed: int = 0
     log_every: int = 25
+    threads: int = 1  # intra-op threads of the transformer phase (2 was ~10x slower here, see train())
 
 
 def _images_tensor(images: np.ndarray) -> torch.Tensor:
@@ -171,8 +172,10 @@ def _save_ckpt(out: Path, transformer, ema, opt, step: int, elapsed: float, loss
 
 def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = False, ship: bool = False) -> dict:
     """Run both phases into ``tc.out``; return a summary dict (also written to ``summary.json``)."""
-    torch.set_num_threads(2)
-    torch.set_flush_denormal(True)  # subnormal floats slowed the v1 VAE phase ~10x on this CPU
+    torch.set_flush_denormal(True)
+    # The VAE phases run single-threaded: with 2 intra-op threads a VAE step on real scenes took
+    # ~10x longer (subnormal floats in the worker threads, which set_flush_denormal does not reach).
+    torch.set_num_threads(1)
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "train.log", "a")
@@ -205,6 +208,7 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
     vae.register_to_config(scaling_factor=scale_f, shift_factor=shift_f)
     log(f"latents encoded in {time.time() - t1:.1f}s shift {shift_f:.4f} scale {scale_f:.4f}")
 
+    torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed + 1)
     transformer = build_transformer(mc)
     pipe = build_pipeline(mc, transformer, vae)
@@ -277,6 +281,7 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
         vae.load_state_dict(load_file(str(dec_file)))
         dec_mse = json.loads((out / "vae_ft.json").read_text())["mse"]
     elif tc.decoder_minutes > 0:
+        torch.set_num_threads(1)
         dec_mse = finetune_decoder(vae, images, tc.decoder_minutes, tc, log)
         save_file(vae.state_dict(), str(dec_file))
         (out / "vae_ft.json").write_text(json.dumps({"mse": dec_mse}))
@@ -309,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--ckpt-minutes", type=float, default=d.ckpt_minutes)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads of the transformer phase")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--ship", action="store_true", help="also write the final weights into the package assets")
     return p
@@ -319,7 +325,8 @@ def train_main(argv: list[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
     tc = TrainConfig(out=a.out, minutes=a.minutes, max_steps=a.max_steps, vae_minutes=a.vae_minutes,
                      decoder_minutes=a.decoder_minutes,
-                     n_scenes=a.n_scenes, batch=a.batch, ckpt_minutes=a.ckpt_minutes, seed=a.seed)
+                     n_scenes=a.n_scenes, batch=a.batch, ckpt_minutes=a.ckpt_minutes, seed=a.seed,
+                     threads=a.threads)
     return train(tc, resume=a.resume, ship=a.ship)
 
 
