@@ -39,6 +39,17 @@ def test_masks_and_captions_agree():
         assert set(s.caption.split()) <= set(world_vocab())
 
 
+def test_objects_snap_to_the_grid():
+    scenes = make_batch(300, 5, WorldConfig(grid=4)).scenes
+    objs = [o for s in scenes for o in s.objects]
+    assert all(o.size % 4 == 0 and (o.cx - o.size / 2) % 4 == 0 and (o.cy - o.size / 2) % 4 == 0 for o in objs)
+    assert len({o.cx for o in objs}) >= 8 and len({o.size for o in objs}) >= 3  # still random
+    for s in scenes:  # boxes stay inside the image
+        assert all(o.size / 2 <= o.cx <= 64 - o.size / 2 and o.size / 2 <= o.cy <= 64 - o.size / 2 for o in s.objects)
+    free = make_batch(50, 5).scenes  # the default (shipped) world is continuous
+    assert any((o.cx - o.size / 2) % 4 != 0 for s in free for o in s.objects)
+
+
 def test_heldout_split():
     held = make_batch(100, 2, split="heldout")
     assert all(is_heldout_caption(c) for c in held.captions)

@@ -39,6 +39,7 @@ class WorldConfig:
     single_size: tuple[int, int] = (26, 38)
     pair_size: tuple[int, int] = (22, 28)
     min_gap: int = 4  # pixels between the two objects along the relation axis
+    grid: int = 1  # > 1: sizes and bounding boxes snap to this many pixels (4 = the VAE's latent cell)
     heldout_pairs: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"))
     heldout_fraction: float = 0.15  # of the remaining two-object captions, by a fixed hash
 
@@ -135,22 +136,37 @@ def is_heldout_caption(caption: str, config: WorldConfig = WorldConfig()) -> boo
     return (zlib.crc32(caption.encode()) % 1000) < config.heldout_fraction * 1000
 
 
+def _sizes(rng: np.random.Generator, cfg: WorldConfig, lo: int, hi: int, n: int) -> list[int]:
+    """``n`` side lengths in ``lo…hi`` (multiples of ``cfg.grid`` when it is > 1)."""
+    if cfg.grid <= 1:
+        return [int(v) for v in rng.integers(lo, hi + 1, size=n)]
+    g = cfg.grid
+    return [int(v) * g for v in rng.integers(-(-lo // g), hi // g + 1, size=n)]
+
+
+def _centre(rng: np.random.Generator, cfg: WorldConfig, s: int) -> float:
+    """A random centre coordinate of an object of side ``s`` inside the image (box on the grid)."""
+    res = cfg.size
+    if cfg.grid <= 1:
+        return float(rng.uniform(s / 2, res - s / 2))
+    return float(rng.integers(0, (res - s) // cfg.grid + 1) * cfg.grid + s / 2)
+
+
 def _place_pair(rng: np.random.Generator, cfg: WorldConfig, relation: str) -> tuple[float, ...]:
     """Centres and sizes ``(x1, y1, s1, x2, y2, s2)`` satisfying ``relation`` with a clear gap."""
-    res, (lo, hi) = cfg.size, cfg.pair_size
+    lo, hi = cfg.pair_size
     while True:
-        s1, s2 = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+        s1, s2 = _sizes(rng, cfg, lo, hi, 2)
         # along the relation axis: object 1 first (left/top) for "left of"/"above"
-        a1 = rng.uniform(s1 / 2, res - s1 / 2)
-        a2 = rng.uniform(s2 / 2, res - s2 / 2)
-        if relation in ("right of", "below"):
-            a1, a2 = max(a1, a2), min(a1, a2)
-        else:
-            a1, a2 = min(a1, a2), max(a1, a2)
+        a1, a2 = _centre(rng, cfg, s1), _centre(rng, cfg, s2)
+        first = relation in ("left of", "above")  # object 1 has the smaller coordinate
+        if cfg.grid <= 1:  # the shipped model's world: swap the coordinates (a box may poke out by <= 3 px)
+            a1, a2 = (min(a1, a2), max(a1, a2)) if first else (max(a1, a2), min(a1, a2))
+        elif (a1 < a2) != first:  # on the grid: reject, so that each box keeps its own grid offset
+            continue
         if abs(a2 - a1) < (s1 + s2) / 2 + cfg.min_gap:
             continue
-        b1 = rng.uniform(s1 / 2, res - s1 / 2)
-        b2 = rng.uniform(s2 / 2, res - s2 / 2)
+        b1, b2 = _centre(rng, cfg, s1), _centre(rng, cfg, s2)
         if relation in ("left of", "right of"):
             return a1, b1, s1, a2, b2, s2
         return b1, a1, s1, b2, a2, s2
@@ -177,8 +193,8 @@ def sample_scene(rng: np.random.Generator, config: WorldConfig = WorldConfig(), 
         cap = caption
     res = cfg.size
     if len(objs) == 1:
-        s = int(rng.integers(cfg.single_size[0], cfg.single_size[1] + 1))
-        geo = [(rng.uniform(s / 2, res - s / 2), rng.uniform(s / 2, res - s / 2), s)]
+        (s,) = _sizes(rng, cfg, *cfg.single_size, 1)
+        geo = [(_centre(rng, cfg, s), _centre(rng, cfg, s), s)]
     else:
         x1, y1, s1, x2, y2, s2 = _place_pair(rng, cfg, rel)
         geo = [(x1, y1, int(s1)), (x2, y2, int(s2))]
