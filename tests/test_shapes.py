@@ -132,9 +132,9 @@ def test_training_smoke_and_resume(tmp_path):
     from mmdit_probe.shapes.train import TrainConfig, train
 
     tc = TrainConfig(out=str(tmp_path), max_steps=2, vae_minutes=0.02, decoder_minutes=0.01, n_scenes=64, batch=4,
-                     vae_batch=4, ckpt_minutes=100.0)
+                     vae_batch=4, ckpt_minutes=100.0, grid=4)
     s1 = train(tc)
-    assert s1["steps"] == 2
+    assert s1["steps"] == 2 and s1["train"]["grid"] == 4
     assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 2
     s2 = train(TrainConfig(**{**tc.__dict__, "max_steps": 3}), resume=True)
     assert s2["steps"] == 3

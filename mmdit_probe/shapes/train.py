@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .model import ASSET_DIR, ModelConfig, build_pipeline, build_transformer, build_vae, save_assets
-from .world import all_captions, make_batch
+from .world import WorldConfig, all_captions, make_batch
 
 __all__ = ["TrainConfig", "train", "train_main", "build_parser"]
 
@@ -43,6 +43,7 @@ class TrainConfig:
     vae_minutes: float = 4.0
     decoder_minutes: float = 2.0  # decoder-only fine-tuning after the transformer (encoder frozen)
     n_scenes: int = 20000
+    grid: int = 1  # WorldConfig.grid of the training scenes (v4 tried 4)
     batch: int = 32
     vae_batch: int = 16
     lr: float = 5e-4
@@ -179,7 +180,7 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
         logf.flush()
 
     t0 = time.time()
-    batch = make_batch(tc.n_scenes, tc.seed, split="train")
+    batch = make_batch(tc.n_scenes, tc.seed, WorldConfig(grid=tc.grid), split="train")
     images = _images_tensor(batch.images)
     log(f"world: {len(images)} scenes in {time.time() - t0:.1f}s")
 
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-minutes", type=float, default=d.decoder_minutes)
     p.add_argument("--n-scenes", type=int, default=d.n_scenes)
     p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--grid", type=int, default=d.grid, help="snap object sizes/boxes to this many pixels (1: off)")
     p.add_argument("--ckpt-minutes", type=float, default=d.ckpt_minutes)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads of the transformer phase")
@@ -319,7 +321,7 @@ def train_main(argv: list[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
     tc = TrainConfig(out=a.out, minutes=a.minutes, max_steps=a.max_steps, vae_minutes=a.vae_minutes,
                      decoder_minutes=a.decoder_minutes,
-                     n_scenes=a.n_scenes, batch=a.batch, ckpt_minutes=a.ckpt_minutes, seed=a.seed,
+                     n_scenes=a.n_scenes, batch=a.batch, grid=a.grid, ckpt_minutes=a.ckpt_minutes, seed=a.seed,
                      threads=a.threads)
     return train(tc, resume=a.resume, ship=a.ship)
 
