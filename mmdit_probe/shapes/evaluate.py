@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .detect import DetectorConfig, check_prompt, colour_masks, largest_component
-from .world import all_captions, is_heldout_caption, parse_caption, WorldConfig
+from .world import all_captions, is_heldout_caption, make_batch, parse_caption, WorldConfig
 
 __all__ = ["EvalConfig", "heldout_prompts", "validation_prompts", "generate", "adherence", "grounding", "ablation_context",
            "evaluate", "evaluate_main", "build_parser", "format_report"]
@@ -57,8 +57,6 @@ def heldout_prompts(n: int, seed: int = 0) -> list[str]:
 def validation_prompts(n: int, seed: int = 0) -> list[str]:
     """``n`` captions drawn like training scenes (training captions only), deterministic from ``seed``:
     the model-selection set, kept apart from the held-out evaluation prompts."""
-    from .world import make_batch
-
     return make_batch(n, 1_000_000 + seed, split="train").captions
 
 
@@ -170,9 +168,10 @@ def evaluate(pipe, cfg: EvalConfig = EvalConfig(), *, log=print) -> dict:
     from ..record import AttentionRecorder
 
     torch.set_num_threads(2)
-    if cfg.split not in ("heldout", "validation"):
-        raise ValueError(f"unknown split {cfg.split!r}")
-    prompts = (heldout_prompts if cfg.split == "heldout" else validation_prompts)(cfg.n, cfg.seed)
+    sources = {"heldout": heldout_prompts, "validation": validation_prompts}
+    if cfg.split not in sources:
+        raise ValueError(f"unknown split {cfg.split!r}; use one of {sorted(sources)}")
+    prompts = sources[cfg.split](cfg.n, cfg.seed)
     pairs = WorldConfig().heldout_pairs
     unseen = [any(o in pairs for o in parse_caption(p)[0]) for p in prompts]
     n_layers = len(pipe.transformer.transformer_blocks)

@@ -319,10 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None) -> dict:
     """CLI entry point."""
     a = build_parser().parse_args(argv)
-    tc = TrainConfig(out=a.out, minutes=a.minutes, max_steps=a.max_steps, vae_minutes=a.vae_minutes,
-                     decoder_minutes=a.decoder_minutes,
-                     n_scenes=a.n_scenes, batch=a.batch, grid=a.grid, ckpt_minutes=a.ckpt_minutes, seed=a.seed,
-                     threads=a.threads)
+    given = vars(a)  # every option named like a TrainConfig field sets it; --resume/--ship are not fields
+    tc = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
     return train(tc, resume=a.resume, ship=a.ship)
 
 

@@ -155,11 +155,10 @@ def _centre(rng: np.random.Generator, cfg: WorldConfig, s: int) -> float:
 def _place_pair(rng: np.random.Generator, cfg: WorldConfig, relation: str) -> tuple[float, ...]:
     """Centres and sizes ``(x1, y1, s1, x2, y2, s2)`` satisfying ``relation`` with a clear gap."""
     lo, hi = cfg.pair_size
+    first = relation in ("left of", "above")  # object 1 has the smaller coordinate along the relation axis
     while True:
         s1, s2 = _sizes(rng, cfg, lo, hi, 2)
-        # along the relation axis: object 1 first (left/top) for "left of"/"above"
         a1, a2 = _centre(rng, cfg, s1), _centre(rng, cfg, s2)
-        first = relation in ("left of", "above")  # object 1 has the smaller coordinate
         if cfg.grid <= 1:  # the shipped model's world: swap the coordinates (a box may poke out by <= 3 px)
             a1, a2 = (min(a1, a2), max(a1, a2)) if first else (max(a1, a2), min(a1, a2))
         elif (a1 < a2) != first:  # on the grid: reject, so that each box keeps its own grid offset
