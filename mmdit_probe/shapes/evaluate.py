@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .detect import DetectorConfig, check_prompt, colour_masks, largest_component
 from .world import all_captions, is_heldout_caption, make_batch, parse_caption, WorldConfig
 
-__all__ = ["EvalConfig", "heldout_prompts", "validation_prompts", "generate", "adherence", "grounding", "ablation_context",
+__all__ = ["EvalConfig", "sampling_defaults", "heldout_prompts", "validation_prompts", "generate", "adherence", "grounding", "ablation_context",
            "evaluate", "evaluate_main", "build_parser", "format_report"]
 
 
@@ -33,7 +33,7 @@ class EvalConfig:
 
     n: int = 32
     steps: int = 20
-    guidance: float = 7.0
+    guidance: float | None = None  # None: the model's trained default (``shapes_config.default_guidance``)
     seed: int = 0
     batch: int = 16
     ablations: bool = True
@@ -60,14 +60,22 @@ def validation_prompts(n: int, seed: int = 0) -> list[str]:
     return make_batch(n, 1_000_000 + seed, split="train").captions
 
 
+def sampling_defaults(pipe, guidance: float | None = None) -> tuple[float, int]:
+    """``(guidance, max_sequence_length)``: ``guidance`` or else the model's trained default, and its T5 length."""
+    cfg = getattr(pipe, "shapes_config", None)
+    if guidance is None:
+        guidance = cfg.default_guidance if cfg is not None else 7.0
+    return float(guidance), (cfg.max_sequence_length if cfg is not None else 12)
+
+
 def generate(pipe, prompts: list[str], cfg: EvalConfig, recorder_factory=None) -> tuple[np.ndarray, list]:
     """Images ``[N, H, W, 3]`` in 0…1 (and one attention result per chunk when ``recorder_factory``)."""
-    max_len = getattr(getattr(pipe, "shapes_config", None), "max_sequence_length", 12)
+    guidance, max_len = sampling_defaults(pipe, cfg.guidance)
     images, results = [], []
     for i in range(0, len(prompts), cfg.batch):
         chunk = prompts[i:i + cfg.batch]
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
-        kwargs = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, max_sequence_length=max_len,
+        kwargs = dict(num_inference_steps=cfg.steps, guidance_scale=guidance, max_sequence_length=max_len,
                       generator=gen, output_type="np")
         if recorder_factory is None:
             out = pipe(chunk, **kwargs)
@@ -183,7 +191,7 @@ def evaluate(pipe, cfg: EvalConfig = EvalConfig(), *, log=print) -> dict:
     }
     log(f"adherence on {len(prompts)} {cfg.split} prompts: {adh}")
     ground = grounding(images, prompts, results, n_layers, cfg.batch)
-    report = {"config": asdict(cfg), "prompts": prompts, "adherence": adh, "adherence_subsets": sub,
+    report = {"config": asdict(cfg), "guidance": sampling_defaults(pipe, cfg.guidance)[0], "prompts": prompts, "adherence": adh, "adherence_subsets": sub,
               "grounding": ground}
     if cfg.ablations:
         table = {"none": adh}
@@ -227,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmdit-probe evaluate-shapes", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=d.n, help="number of held-out prompts")
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--guidance", type=float, default=d.guidance, help="CFG scale (default: the model's own)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--no-ablations", action="store_true")

@@ -38,11 +38,11 @@ class TrainConfig:
     """Training hyper-parameters (minutes are wall-clock budgets)."""
 
     out: str = "shapes_run"
-    minutes: float = 30.0
+    minutes: float = 45.0
     max_steps: int = 0  # > 0: train for this many steps instead of ``minutes`` of wall-clock
     vae_minutes: float = 4.0
     decoder_minutes: float = 2.0  # decoder-only fine-tuning after the transformer (encoder frozen)
-    n_scenes: int = 20000
+    n_scenes: int = 40000
     grid: int = 1  # WorldConfig.grid of the training scenes (v4 tried 4)
     batch: int = 32
     vae_batch: int = 16
@@ -52,10 +52,11 @@ class TrainConfig:
     warmup: int = 150
     ema: float = 0.998
     caption_dropout: float = 0.1
+    encoder_dropout: float = 0.0  # > 0: zero CLIP-L / CLIP-G / T5 independently with this probability (SD3 used 0.463)
     ckpt_minutes: float = 3.0
     seed: int = 0
     log_every: int = 25
-    threads: int = 1  # intra-op threads of the transformer phase (the VAE phases always use 1, see train())
+    threads: int = 2  # intra-op threads of the transformer phase (the VAE phases always use 1, see train())
 
 
 def _images_tensor(images: np.ndarray) -> torch.Tensor:
@@ -138,6 +139,23 @@ def encode_captions(pipe, captions: list[str], max_len: int) -> tuple[torch.Tens
     return torch.cat(embs), torch.cat(pooled)
 
 
+def encoder_masks(pipe, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each text encoder lives in the conditioning: token masks ``[3, 77+T, D]`` and pooled masks
+    ``[3, P]`` for CLIP-L, CLIP-G and T5 (CLIP-L ⊕ CLIP-G on the channels of the first 77 tokens, T5 after
+    them; pooled = CLIP-L ⊕ CLIP-G), as ``encode_prompt`` lays them out."""
+    n_clip, dim = pipe.tokenizer_max_length, pipe.transformer.config.joint_attention_dim
+    h_l, h_g = pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size
+    p_l, p_g = pipe.text_encoder.config.projection_dim, pipe.text_encoder_2.config.projection_dim
+    tokens = torch.zeros(3, n_clip + max_sequence_length, dim)
+    pooled = torch.zeros(3, p_l + p_g)
+    tokens[0, :n_clip, :h_l] = 1
+    tokens[1, :n_clip, h_l:h_l + h_g] = 1
+    tokens[2, n_clip:] = 1
+    pooled[0, :p_l] = 1
+    pooled[1, p_l:] = 1
+    return tokens, pooled
+
+
 def _lr_factor(tc: TrainConfig, step: int, elapsed: float) -> float:
     warm = min(1.0, (step + 1) / tc.warmup)
     progress = step / tc.max_steps if tc.max_steps else elapsed / max(tc.minutes * 60, 1e-9)
@@ -211,6 +229,7 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
     cap_index = {c: i for i, c in enumerate(captions)}
     emb, pooled = encode_captions(pipe, captions + [""], mc.max_sequence_length)
     null = len(captions)
+    tok_masks, pool_masks = encoder_masks(pipe, mc.max_sequence_length)
     cap_ids = torch.tensor([cap_index[c] for c in batch.captions])
     del batch
 
@@ -243,8 +262,13 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
         xt = (1 - sig.view(-1, 1, 1, 1)) * x0 + sig.view(-1, 1, 1, 1) * noise
         ci = cap_ids[idx].clone()
         ci[torch.rand(tc.batch, generator=g) < tc.caption_dropout] = null
-        pred = transformer(hidden_states=xt, timestep=sig * 1000, encoder_hidden_states=emb[ci],
-                           pooled_projections=pooled[ci]).sample
+        cond, cond_pooled = emb[ci], pooled[ci]
+        if tc.encoder_dropout > 0:  # SD3's independent per-encoder dropout (zeros, as the pipeline feeds without T5)
+            drop = (torch.rand(tc.batch, 3, generator=g) < tc.encoder_dropout).float()
+            cond = cond * (1 - torch.einsum("be,etd->btd", drop, tok_masks))
+            cond_pooled = cond_pooled * (1 - drop @ pool_masks)
+        pred = transformer(hidden_states=xt, timestep=sig * 1000, encoder_hidden_states=cond,
+                           pooled_projections=cond_pooled).sample
         loss = (pred - (noise - x0)).pow(2).mean()
         for group in opt.param_groups:
             group["lr"] = tc.lr * _lr_factor(tc, step, elapsed)
@@ -307,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-minutes", type=float, default=d.decoder_minutes)
     p.add_argument("--n-scenes", type=int, default=d.n_scenes)
     p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--encoder-dropout", type=float, default=d.encoder_dropout,
+                   help="zero each text encoder independently with this probability (SD3: 0.463; 0: off)")
     p.add_argument("--grid", type=int, default=d.grid, help="snap object sizes/boxes to this many pixels (1: off)")
     p.add_argument("--ckpt-minutes", type=float, default=d.ckpt_minutes)
     p.add_argument("--seed", type=int, default=d.seed)
