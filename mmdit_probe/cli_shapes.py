@@ -1,4 +1,4 @@
-"""``mmdit-probe train-shapes`` / ``evaluate-shapes``: hand the rest of the command line to the shapes scripts.
+"""``mmdit-probe train-shapes`` / ``evaluate-shapes`` / ``recover-shapes``: hand the rest of the command line to the shapes scripts.
 
 Their options are defined once, in :mod:`mmdit_probe.shapes.train` / :mod:`mmdit_probe.shapes.evaluate`
 (``python -m mmdit_probe.shapes.train --help`` shows the same); the subcommands here only forward.
@@ -16,6 +16,8 @@ DELEGATED = {
                      "train the embedded shapes model (VAE + MMDiT) on this CPU; resumable checkpoints"),
     "evaluate-shapes": ("mmdit_probe.shapes.evaluate", "evaluate_main",
                         "measure the shapes model: prompt adherence, word grounding per layer, ablation sanity"),
+    "recover-shapes": ("mmdit_probe.shapes.recovery", "recovery_main",
+                       "when are shapes decided: finish noised ground-truth scenes from each noise level"),
 }
 
 

@@ -108,7 +108,7 @@ def test_small_evaluation_matches_measured(pipe):
     assert pipe.shapes_config.default_guidance == MEASURED["guidance"]
     cfg = EvalConfig(n=16, steps=MEASURED["steps"], batch=16, ablations=False)
     rep = evaluate(pipe, cfg, log=lambda m: None)
-    assert rep["guidance"] == MEASURED["guidance"]
+    assert rep["config"]["guidance"] == MEASURED["guidance"]
     assert rep["adherence"]["colour"] >= MEASURED["colour"] - 0.2
     assert rep["adherence"]["shape"] >= MEASURED["shape"] - 0.2
     g = rep["grounding"]
@@ -197,3 +197,16 @@ def test_encoder_masks_match_the_pipeline_without_t5(pipe):
     emb2, _, pool2, _ = no_t5.encode_prompt("a red circle left of a blue square", None, None, **kw)
     assert torch.equal(emb * (1 - tokens[2]), emb2) and torch.equal(pool * (1 - pooled[2]), pool2)
     assert torch.count_nonzero(emb * tokens[0]) > 0 and torch.count_nonzero(emb * tokens[1]) > 0
+
+
+def test_recover_shapes_command(tmp_path, capsys):
+    from mmdit_probe import cli
+
+    out = tmp_path / "rec.json"
+    assert cli.main(["recover-shapes", "--n", "2", "--steps", "6", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    sig = [r["sigma"] for r in rep["rows"]]
+    left = [r["steps_left"] for r in rep["rows"]]
+    assert sig[0] == 1.0 and left[0] == 6 and sig == sorted(sig, reverse=True) and left == sorted(left, reverse=True)
+    assert rep["config"]["guidance"] == 5.0  # the model's own default, resolved
+    assert "| start σ | steps left |" in capsys.readouterr().out

@@ -14,7 +14,7 @@ import argparse
 import contextlib
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from .detect import DetectorConfig, check_prompt, colour_masks, largest_component
 from .world import all_captions, is_heldout_caption, make_batch, parse_caption, WorldConfig
 
-__all__ = ["EvalConfig", "sampling_defaults", "heldout_prompts", "validation_prompts", "generate", "adherence", "grounding", "ablation_context",
-           "evaluate", "evaluate_main", "build_parser", "format_report"]
+__all__ = ["EvalConfig", "sampling_defaults", "heldout_prompts", "validation_prompts", "generate", "adherence", "grounding",
+           "ablation_context", "evaluate", "evaluate_main", "build_parser", "format_report"]
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,7 @@ def evaluate(pipe, cfg: EvalConfig = EvalConfig(), *, log=print) -> dict:
     if cfg.split not in sources:
         raise ValueError(f"unknown split {cfg.split!r}; use one of {sorted(sources)}")
     prompts = sources[cfg.split](cfg.n, cfg.seed)
+    cfg = replace(cfg, guidance=sampling_defaults(pipe, cfg.guidance)[0])  # the report names the scale used
     pairs = WorldConfig().heldout_pairs
     unseen = [any(o in pairs for o in parse_caption(p)[0]) for p in prompts]
     n_layers = len(pipe.transformer.transformer_blocks)
@@ -191,7 +192,7 @@ def evaluate(pipe, cfg: EvalConfig = EvalConfig(), *, log=print) -> dict:
     }
     log(f"adherence on {len(prompts)} {cfg.split} prompts: {adh}")
     ground = grounding(images, prompts, results, n_layers, cfg.batch)
-    report = {"config": asdict(cfg), "guidance": sampling_defaults(pipe, cfg.guidance)[0], "prompts": prompts, "adherence": adh, "adherence_subsets": sub,
+    report = {"config": asdict(cfg), "prompts": prompts, "adherence": adh, "adherence_subsets": sub,
               "grounding": ground}
     if cfg.ablations:
         table = {"none": adh}

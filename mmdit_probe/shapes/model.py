@@ -25,7 +25,7 @@ JOINT_DIM, POOLED_DIM = 32, 64  # sizes of the in-code text encoders (models.py 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Sizes of the shapes model (image 64x64 -> 16x16x16 latents -> 8x8 = 64 image tokens)."""
+    """Sizes of the shapes model (image 64x64 -> 16x16x16 latents -> 8x8 = 64 image tokens) and its sampling defaults."""
 
     num_layers: int = 4
     num_heads: int = 4

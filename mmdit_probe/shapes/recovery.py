@@ -1,7 +1,7 @@
 """When is a shape decided? Noise ground-truth scenes to a level σ, let the pipeline's own sampler
 finish the trajectory from there, and check the result against the caption.
 
-``python -m mmdit_probe.shapes.recovery [--n N] [--steps S] [--weights DIR]``
+``mmdit-probe recover-shapes [--n N] [--steps S] [--split train|heldout] [--weights DIR] [--out FILE.json]``
 
 A model that restores the prompted shapes from σ = 0.7 but not from pure noise fails in the
 high-noise part of the trajectory, where layout and shape are chosen (this is how v2's blobs were
@@ -13,16 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
-from .detect import check_prompt
-from .evaluate import sampling_defaults
+from .evaluate import adherence, sampling_defaults
 from .world import make_batch
 
-__all__ = ["RecoveryConfig", "unshift_sigmas", "noised_latents", "recovery", "recovery_main"]
+__all__ = ["RecoveryConfig", "unshift_sigmas", "noised_latents", "recovery", "format_recovery", "recovery_main"]
 
 
 @dataclass(frozen=True)
@@ -69,12 +68,11 @@ def recovery(pipe, cfg: RecoveryConfig = RecoveryConfig(), *, log=print) -> dict
         latents = noised_latents(pipe, batch.images, sigma, torch.Generator().manual_seed(cfg.seed))
         out = pipe(batch.captions, latents=latents, sigmas=unshift_sigmas(schedule[k:], shift).tolist(),
                    guidance_scale=guidance, max_sequence_length=max_len, output_type="np").images
-        checks = [check_prompt(im, c) for im, c in zip(np.asarray(out, np.float32), batch.captions)]
         row = {"start": start, "sigma": round(sigma, 4), "steps_left": len(schedule) - k,
-               **{key: float(np.mean([getattr(c, key) for c in checks])) for key in ("colour", "shape", "relation", "all")}}
+               **adherence(np.asarray(out, np.float32), batch.captions)}
         log(f"from sigma {row['sigma']:.3f} ({row['steps_left']} steps): colour+shape {row['shape']:.2f} all {row['all']:.2f}")
         rows.append(row)
-    return {"config": asdict(cfg), "guidance": guidance, "rows": rows}
+    return {"config": asdict(replace(cfg, guidance=guidance)), "rows": rows}
 
 
 def format_recovery(report: dict) -> str:
@@ -91,7 +89,7 @@ def recovery_main(argv: list[str] | None = None) -> dict:
     from .model import shapes_pipeline
 
     d = RecoveryConfig()
-    p = argparse.ArgumentParser(prog="python -m mmdit_probe.shapes.recovery", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mmdit-probe recover-shapes", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=d.n)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--guidance", type=float, default=d.guidance, help="CFG scale (default: the model's own)")

@@ -4,7 +4,7 @@
 
 Resumable: the transformer phase checkpoints every ``--ckpt-minutes`` into ``DIR``; ``--resume``
 continues from the last checkpoint (step counter, optimiser, EMA and elapsed time). ``--minutes``
-is the total time budget of the transformer phase (the defaults reproduce the shipped v2);
+is the total time budget of the transformer phase (the defaults reproduce the shipped v5);
 ``--max-steps`` stops after a fixed number of steps instead (then the learning-rate schedule
 follows steps, so a run is repeatable).
 """
@@ -187,7 +187,7 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
     # The VAE phases run single-threaded: with 2 intra-op threads a VAE step on real scenes took
     # ~10x longer (subnormal floats in the worker threads, which set_flush_denormal does not reach).
     # The transformer phase does not suffer from it: 2 threads ran 1.7x faster than 1 on this CPU
-    # (--threads 2; the shipped v2 was trained with 1).
+    # (--threads 2, the default since v5; v1/v2 were trained with 1).
     torch.set_num_threads(1)
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
