@@ -212,7 +212,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, steps_help: str = "") -> 
     g.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     g.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale, <= 1 disables CFG (default: the shapes model's trained 5, 5 otherwise)")
+                   help="classifier-free guidance scale, <= 1 disables CFG (default: the shapes model's stored value, 5; 5 otherwise)")
     g.add_argument("--max-sequence-length", type=_positive_int, default=None,
                    help="T5 tokens (default: the shapes model's 12, 16 for tiny models, 256 otherwise)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")

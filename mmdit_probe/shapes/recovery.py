@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .evaluate import adherence, sampling_defaults
+from .train import images_tensor
 from .world import make_batch
 
 __all__ = ["RecoveryConfig", "unshift_sigmas", "noised_latents", "recovery", "format_recovery", "recovery_main"]
@@ -47,7 +48,7 @@ def noised_latents(pipe, images: np.ndarray, sigma: float, generator: torch.Gene
     """``(1 − σ)·x0 + σ·noise`` for the VAE posterior means of ``images`` (``[N, H, W, 3]`` in 0…1),
     in the transformer's normalised latent space (shift and scaling factor applied)."""
     vae = pipe.vae
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(vae.device, vae.dtype).mul(2).sub(1)
+    x = images_tensor(images).to(vae.device, vae.dtype)
     x0 = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     return (1 - sigma) * x0 + sigma * noise

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .model import ASSET_DIR, ModelConfig, build_pipeline, build_transformer, build_vae, save_assets
 from .world import WorldConfig, all_captions, make_batch
 
-__all__ = ["TrainConfig", "train", "train_main", "build_parser"]
+__all__ = ["TrainConfig", "images_tensor", "encoder_masks", "train", "train_main", "build_parser"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class TrainConfig:
     threads: int = 2  # intra-op threads of the transformer phase (the VAE phases always use 1, see train())
 
 
-def _images_tensor(images: np.ndarray) -> torch.Tensor:
+def images_tensor(images: np.ndarray) -> torch.Tensor:
+    """World images ``[N, H, W, 3]`` in 0…1 -> the VAE's input ``[N, 3, H, W]`` in -1…1."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().mul(2).sub(1)
 
 
@@ -199,7 +200,7 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
 
     t0 = time.time()
     batch = make_batch(tc.n_scenes, tc.seed, WorldConfig(grid=tc.grid), split="train")
-    images = _images_tensor(batch.images)
+    images = images_tensor(batch.images)
     log(f"world: {len(images)} scenes in {time.time() - t0:.1f}s")
 
     torch.manual_seed(tc.seed)
