@@ -7,16 +7,17 @@ query→key quadrants, and keep everything as a tidy, savable ``AttentionResult`
 from .layout import KEY_GROUPS, QUERY_GROUPS, TEXT_GROUPS, TextToken, TokenLayout, joint_order
 from .maps import QUADRANTS, MapBudgetError, MapSelection
 from .named import Stat
-from .processors import ProbeController, ProbeProcessor, Site
+from .context import BRANCHES, CallContext, CallContextError
+from .hooks import AttentionCall, Edit, ProbeController, ProbeProcessor, Site
+from .selection import SelectionError
+from .stats import Statistic
 from .record import AttentionRecorder
 from .result import AttentionResult
 from .io import ResultsFileError
 from .describe import Description, DescriptionRow, describe
 from .compare import Comparison, LoraCounts, branch_view, compare, lora_parameter_counts, plot_difference
-from .ablate import Intervention, check_specs, intervene
-from .ablate_specs import AblateHeads, KnockOut, Patch, SkipLayers, Spec, ZeroText
-from .ablate_calls import AblationError
-from .ablate_cache import ActivationCache, HeadMeans, record_activations, record_head_means
+from .ablate import (AblateHeads, AblationError, ActivationCache, HeadMeans, Intervention, KnockOut, Patch, SkipLayers,
+                     Spec, ZeroText, check_specs, intervene, record_activations, record_head_means)
 from .effect import DEFAULT_METRICS, Metric, cosine, mse, psnr, run_pipeline, run_with_effects
 from .sweep import ablate_each_head, knock_out_each_quadrant, skip_each_layer, sweep, zero_text_each_layer
 from .steps import Schedule, StepStudy, image_convergence, interpolate_at_sigmas, layer_groups, plot_mass_vs_sigma, schedule, step_count_study
@@ -45,6 +46,7 @@ def __getattr__(name):  # keep `import mmdit_probe` light: models pull in diffus
 __all__ = [
     "AttentionRecorder", "AttentionResult", "TokenLayout", "TextToken", "MapSelection", "MapBudgetError",
     "QUADRANTS", "KEY_GROUPS", "QUERY_GROUPS", "TEXT_GROUPS", "Stat", "ProbeController", "ProbeProcessor", "Site",
+    "BRANCHES", "CallContext", "CallContextError", "AttentionCall", "Edit", "Statistic", "SelectionError",
     "ResultsFileError", "joint_order",
     "describe", "Description", "DescriptionRow", "compare", "Comparison", "branch_view", "plot_difference",
     "lora_parameter_counts", "LoraCounts", "step_count_study", "StepStudy", "interpolate_at_sigmas",

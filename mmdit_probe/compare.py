@@ -144,21 +144,13 @@ def compare(
 
 
 def branch_view(result: AttentionResult, branch: str) -> AttentionResult:
-    """The batch rows of one CFG branch (``"uncond"``/``"cond"``), renumbered ``0…``.
+    """The batch rows of one branch (``"uncond"``, ``"cond"``, ``"slg"``, ``"perturbed"``), renumbered ``0…``.
 
-    ``branch`` is an aux coordinate on ``batch``; renumbering makes the two branches of one run
-    comparable with :func:`compare`.
+    ``result.sel(branch=branch)`` (statistics, layouts and full maps alike) with rows relabelled, so
+    the branches of one run are comparable with :func:`compare`.
     """
-    stats: dict[str, Stat] = {}
-    for name, st in result.stats.items():
-        dim, branches = st.aux.get("branch", ("batch", ()))
-        rows = [i for i, b in enumerate(branches) if b == branch]
-        if not rows:
-            raise KeyError(f"branch {branch!r} not in this result; branches: {sorted(set(branches))}")
-        s = st.sel(**{dim: [st.labels(dim)[i] for i in rows]})
-        stats[name] = Stat(s.values, s.dims, {**s.coords, dim: tuple(range(len(rows)))}, s.aux)
-    return AttentionResult(stats, {}, {}, tuple(result.layouts[i] for i in rows) if result.layouts else (),
-                           {**result.meta, "branch": branch})
+    out = result.sel(branch=branch).renumbered()
+    return AttentionResult(out.stats, out.maps, out.map_meta, out.layouts, {**result.meta, "branch": branch})
 
 
 def plot_difference(

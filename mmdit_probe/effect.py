@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .ablate import check_specs, intervene
-from .ablate_specs import Spec
+from .ablate import Spec
 
 TARGETS = ("image", "latent", "velocity")
 RESERVED_KWARGS = ("generator", "output_type", "return_dict")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from .selection import as_indices
+
 STREAMS = ("image", "text")
 #: The four quadrants, always named query→key.
 QUADRANTS = ("image->image", "image->text", "text->image", "text->text")
@@ -31,22 +33,12 @@ def quadrant_name(query: str, key: str) -> str:
     return f"{query}->{key}"
 
 
-def _as_tuple(x: int | Iterable[int] | None, what: str) -> tuple[int, ...] | None:
-    if x is None:
-        return None
-    if isinstance(x, int):
-        return (x,)
-    out = tuple(int(i) for i in x)
-    if not out:
-        raise ValueError(f"empty {what} selection; pass None for all {what}")
-    return out
-
-
 @dataclass(frozen=True)
 class MapSelection:
     """Which exact softmax maps to keep: one quadrant for chosen steps, layers, heads, batch rows.
 
-    ``None`` means all. ``MapSelection("image->text", layers=[2], steps=[0, 1])``.
+    ``None`` means all; ``batch`` names result rows (``uncond 0, cond 0, …`` in order of appearance).
+    ``MapSelection("image->text", layers=[2], steps=[0, 1])``. Negative or fractional indices are refused.
     """
 
     quadrant: str
@@ -59,7 +51,7 @@ class MapSelection:
     def __post_init__(self):
         object.__setattr__(self, "quadrant", quadrant_name(*parse_quadrant(self.quadrant)))
         for name in ("steps", "layers", "heads", "batch"):
-            object.__setattr__(self, name, _as_tuple(getattr(self, name), name))
+            object.__setattr__(self, name, as_indices(getattr(self, name), name, owner="MapSelection"))
         if self.attention not in ("attn", "attn2"):
             raise ValueError(f"attention must be 'attn' or 'attn2', got {self.attention!r}")
         if self.attention == "attn2" and self.quadrant != "image->image":

@@ -7,7 +7,8 @@ Statistics (each a :class:`~mmdit_probe.named.Stat`), dims in order:
 ``group_mass``  step, layer, attention, batch, head, query, key_group  (``KEY_GROUPS``)
 ``entropy``     step, layer, attention, batch, head, query             (nats, mean over queries)
 ``key_mass``    step, layer, attention, batch, head, query, key_token  (Σ over queries of P[:, j])
-``word_map``    step, layer, attention, batch, head, word, image_token (image→word mass)
+``word_map``    step, layer, attention, batch, [head,] word, image_token (image→word mass; head
+                only with ``word_heads="all"``; attention is ``attn`` only)
 =============  ===========================================================================
 
 ``mass`` is, per query group, the mean over its query tokens of the probability summed over the
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .layout import KEY_GROUPS, QUERY_GROUPS, TokenLayout, normalise_word
+from .layout import TokenLayout, normalise_word
 from .maps import parse_quadrant, quadrant_name
 from .named import Stat
 
@@ -29,7 +30,7 @@ STAT_DIMS: dict[str, tuple[str, ...]] = {
     "group_mass": ("query", "key_group"),
     "entropy": ("query",),
     "key_mass": ("query", "key_token"),
-    "word_map": ("word", "image_token"),  # after an optional head dim (word_heads="all")
+    "word_map": ("word", "image_token"),  # after a head dim with word_heads="all"
 }
 LEAD_DIMS = ("step", "layer", "attention", "batch", "head")
 VALUE_NAMES = {"mass": "mass", "group_mass": "mass", "entropy": "entropy", "key_mass": "mass", "word_map": "mass"}
@@ -82,13 +83,63 @@ class AttentionResult:
         return tuple(self.stats["word_map"].labels("word")) if "word_map" in self.stats else ()
 
     def sel(self, **selection: Any) -> "AttentionResult":
-        """Select by label in every statistic that has the named dims: ``res.sel(layer=[0, 1], branch=...)``."""
+        """Select by label in every statistic, the row layouts and the full maps alike.
+
+        ``res.sel(layer=[0, 1], batch=[1])``; ``branch="cond"`` (or a list of branch names) selects the
+        batch rows of those branches. A scalar drops the dim, a list keeps it.
+        """
+        selection = dict(selection)
+        if "branch" in selection:
+            names = selection.pop("branch")
+            names = (names,) if isinstance(names, str) else tuple(names)
+            rows = [self.batch_labels[i] for i, b in enumerate(self.branches) if b in names]
+            if not rows:
+                raise KeyError(f"branch {names} not in this result; branches: {sorted(set(self.branches))}")
+            if "batch" in selection:
+                wanted = selection["batch"] if isinstance(selection["batch"], (list, tuple, range)) else [selection["batch"]]
+                rows = [r for r in rows if r in wanted]
+            selection["batch"] = rows
         known = {d for s in self.stats.values() for d in s.dims}
         unknown = [d for d in selection if d not in known]
         if unknown:
-            raise KeyError(f"unknown dim(s) {unknown}; dims are {sorted(known)}")
+            raise KeyError(f"unknown dim(s) {unknown}; dims are {sorted(known)} (or branch=...)")
         stats = {n: s.sel(**{d: v for d, v in selection.items() if d in s.dims}) for n, s in self.stats.items()}
-        return AttentionResult(stats, self.maps, self.map_meta, self.layouts, self.meta)
+        layouts = self.layouts
+        if "batch" in selection and self.layouts:
+            wanted = selection["batch"]
+            labels = self.batch_labels
+            picks = wanted if isinstance(wanted, (list, tuple, range)) else [wanted]
+            layouts = tuple(self.layouts[labels.index(b)] for b in picks)
+        maps, map_meta = _select_maps(self.maps, self.map_meta, selection)
+        return AttentionResult(stats, maps, map_meta, layouts, self.meta)
+
+    @property
+    def batch_labels(self) -> list:
+        """The batch coordinate (row labels) of this result."""
+        return list(self.mass.labels("batch")) if "batch" in self.mass.dims else []
+
+    def renumbered(self) -> "AttentionResult":
+        """The same result with batch rows labelled ``0 … n−1`` (maps' row labels follow)."""
+        old = self.batch_labels
+        new = {b: i for i, b in enumerate(old)}
+        stats = {}
+        for n, st in self.stats.items():
+            coords = dict(st.coords)
+            if "batch" in st.dims:
+                coords["batch"] = tuple(range(len(old)))
+            stats[n] = Stat(st.values, st.dims, coords, st.aux)
+        meta = {k: {**m, "batch": [new[b] for b in m.get("batch", []) if b in new]} for k, m in self.map_meta.items()}
+        return AttentionResult(stats, self.maps, meta, self.layouts, self.meta)
+
+    def to_xarray(self, stat: str = "mass"):
+        """One statistic as an ``xarray.DataArray`` (dims, label coordinates, aux coordinates such as branch)."""
+        import xarray as xr
+
+        st = self.stat(stat)
+        coords: dict[str, Any] = {d: list(st.labels(d)) for d in st.dims}
+        for name, (dim, vals) in st.aux.items():
+            coords[name] = (dim, list(vals))
+        return xr.DataArray(st.values.numpy(), dims=st.dims, coords=coords, name=stat, attrs={"model": self.meta.get("model", "")})
 
     def to_dataframe(self, stat: str = "mass", dropna: bool = True):
         """Long-form DataFrame of one statistic (one row per entry, NaN entries dropped)."""
@@ -157,60 +208,26 @@ class AttentionResult:
         return f"AttentionResult({', '.join(parts)}; {len(self.maps)} maps; dims {LEAD_DIMS})"
 
 
-def assemble_result(rec: Any) -> AttentionResult:
-    """Stack a recorder's per-call records into dense NaN-filled tensors (one transfer to CPU)."""
-    ctl = rec.controller
-    steps = sorted(rec._calls)
-    n_layers = ctl.num_layers
-    attentions = ("attn", "attn2") if any(s.attention == "attn2" for s in ctl.sites) else ("attn",)
-    heads = ctl.transformer.config.num_attention_heads
-    batch = max((rec._calls[s].batch for s in steps), default=0)
-    step_pos = {s: i for i, s in enumerate(steps)}
-    tensors: dict[str, torch.Tensor] = {}
-    for step, call, values in rec._records:
-        for name, v in values.items():
-            if name not in tensors:
-                shape = (len(steps), n_layers, len(attentions), batch) + tuple(v.shape[1:])
-                tensors[name] = torch.full(shape, float("nan"), device=v.device)
-            tensors[name][step_pos[step], call.site.layer, attentions.index(call.site.attention), : v.shape[0]] = v
-    first = rec._calls[steps[0]] if steps else None
-    layouts = rec._layouts.get(steps[0]) if steps else None
-    branches = rec._branches.get(steps[0], []) if steps else []
-    branches = list(branches) + ["cond"] * (batch - len(branches))
-    timesteps = tuple(float(rec._calls[s].timestep) for s in steps)
-    coords_base = {"step": tuple(range(len(steps))), "layer": tuple(range(n_layers)), "attention": attentions,
-                   "batch": tuple(range(batch))}
-    aux = {"timestep": ("step", timesteps), "branch": ("batch", tuple(branches))}
-    stats: dict[str, Stat] = {}
-    for name, t in tensors.items():
-        t = t.cpu()
-        coords = dict(coords_base)
-        dims = LEAD_DIMS + STAT_DIMS[name]
-        if name == "word_map":
-            if rec.word_heads != "all":  # recorded as the head mean
-                t, dims = t.squeeze(4), LEAD_DIMS[:4] + STAT_DIMS[name]
-            coords["word"] = tuple(rec._word_list or ())
-        coords.setdefault("head", tuple(range(heads)))
-        if "query" in dims:
-            coords["query"] = QUERY_GROUPS
-        if name == "mass":
-            coords["key"] = QUERY_GROUPS
-        if name == "group_mass":
-            coords["key_group"] = KEY_GROUPS
-        stats[name] = Stat(t, dims, {d: c for d, c in coords.items() if d in dims}, aux)
-    if not stats:
-        empty = torch.empty((len(steps), n_layers, len(attentions), batch, heads, 2, 2))
-        stats["mass"] = Stat(empty, LEAD_DIMS + ("query", "key"),
-                             {**coords_base, "head": tuple(range(heads)), "query": QUERY_GROUPS, "key": QUERY_GROUPS}, aux)
-    maps = {k: v.cpu() for k, v in rec._maps.items()}
-    cfg = ctl.transformer.config
-    meta = {
-        "model": type(ctl.transformer).__name__,
-        "num_layers": n_layers, "heads": heads, "head_dim": cfg.attention_head_dim,
-        "qk_norm": cfg.get("qk_norm") if hasattr(cfg, "get") else getattr(cfg, "qk_norm", None),
-        "dual_attention_layers": [s.layer for s in ctl.sites if s.attention == "attn2"],
-        "order": list(ctl.order), "recorded_layers": list(rec.layers),
-        "image_grid": list(first.latent_hw) if first else None, "n_text": first.n_text if first else None,
-        "dtype": str(next(ctl.transformer.parameters()).dtype),
-    }
-    return AttentionResult(stats, maps, rec._map_meta, layouts or (), meta)
+def _select_maps(maps: dict, meta: dict, selection: dict) -> tuple[dict, dict]:
+    """Full maps ``(step, layer, attention, quadrant) → [rows, heads, nq, nk]`` restricted to ``selection``."""
+    def allowed(dim: str, value: Any) -> bool:
+        if dim not in selection:
+            return True
+        v = selection[dim]
+        return value in v if isinstance(v, (list, tuple, range)) else value == v
+
+    out, out_meta = {}, {}
+    for key, t in maps.items():
+        step, layer, attention, _ = key
+        if not (allowed("step", step) and allowed("layer", layer) and allowed("attention", attention)):
+            continue
+        m = dict(meta.get(key, {}))
+        for dim, axis in (("batch", 0), ("head", 1)):
+            labels = m.get("batch" if dim == "batch" else "heads")
+            if dim in selection and labels is not None:
+                keep = [i for i, lab in enumerate(labels) if allowed(dim, lab)]
+                t = t[keep] if axis == 0 else t[:, keep]
+                m["batch" if dim == "batch" else "heads"] = [labels[i] for i in keep]
+        if t.shape[0] and t.shape[1]:
+            out[key], out_meta[key] = t, m
+    return out, out_meta

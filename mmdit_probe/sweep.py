@@ -17,12 +17,11 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .ablate import check_specs
-from .ablate_specs import AblateHeads, KnockOut, SkipLayers, Spec, ZeroText
+from .ablate import AblateHeads, KnockOut, SkipLayers, Spec, ZeroText, check_specs
 from .effect import compare, resolve_metrics, run_pipeline
 from .io import atomic_write
 from .maps import QUADRANTS
-from .processors import resolve_transformer
+from .hooks import resolve_transformer
 
 COLUMNS = ["prompt", "seed", "spec", "spec_index", "metric", "step", "value"]
 

@@ -11,14 +11,16 @@ import copy
 import math
 
 import pytest
+
+import mmdit_probe as mp
 import torch
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from nnsight import NNsight
 
 from mmdit_probe.ablate import intervene
-from mmdit_probe.ablate_cache import record_activations, record_head_means
-from mmdit_probe.ablate_calls import AblationError
-from mmdit_probe.ablate_specs import AblateHeads, KnockOut, Patch, SkipLayers, ZeroText
+from mmdit_probe.ablate import record_activations, record_head_means
+from mmdit_probe.ablate import AblationError
+from mmdit_probe.ablate import AblateHeads, KnockOut, Patch, SkipLayers, ZeroText
 from mmdit_probe.layout import TokenLayout
 from mmdit_probe.models import tiny_sd3_pipeline
 from mmdit_probe.record import AttentionRecorder
@@ -180,8 +182,10 @@ def test_zero_text_word_in_pipeline_touches_only_prompt_rows(pipe):
     assert torch.equal(out, reference) and not torch.equal(out, run_pipe(pipe))
 
 
-def test_zero_text_word_with_skip_layer_guidance(pipe):
-    """SLG adds a cond-only call (batch 1) at some steps: the prompt row is row 0 there."""
+@pytest.mark.parametrize("branch,zeroed_batches", [("cond", (2,)), ("slg", (1,)), (None, (1, 2))])
+def test_zero_text_word_with_skip_layer_guidance(pipe, branch, zeroed_batches):
+    """SLG adds a cond-only call (batch 1) at some steps, labelled ``slg``: ``branch="cond"`` leaves it alone,
+    ``branch="slg"`` touches only it. Reference: a hand-written block pre-hook keyed on the batch size."""
     layout = TokenLayout.from_prompt(pipe, PROMPT, height=32, width=48, max_sequence_length=16)
     pos = [p - layout.text_slice.start for p in layout.word_positions("red")]
     batches = []
@@ -189,7 +193,8 @@ def test_zero_text_word_with_skip_layer_guidance(pipe):
     def zero_red(module, args, kwargs):
         ehs = kwargs["encoder_hidden_states"].clone()
         batches.append(ehs.shape[0])
-        ehs[ehs.shape[0] - 1, pos] = 0
+        if ehs.shape[0] in zeroed_batches:
+            ehs[ehs.shape[0] - 1, pos] = 0  # the prompt's row (the negative prompt has no "red")
         return args, {**kwargs, "encoder_hidden_states": ehs}
 
     slg = dict(num_inference_steps=6, skip_guidance_layers=[2])
@@ -199,7 +204,7 @@ def test_zero_text_word_with_skip_layer_guidance(pipe):
     finally:
         h.remove()
     assert 1 in batches and 2 in batches
-    with intervene(pipe, ZeroText(layers=[1], words=["red"], branch="cond")):
+    with intervene(pipe, ZeroText(layers=[1], words=["red"], branch=branch)):
         out = run_pipe(pipe, **slg)
     assert torch.equal(out, reference)
 
@@ -459,7 +464,7 @@ def test_every_spec_restores_model_after_exception(tr, kind):
         assert not torch.equal(changed, base)
         assert_restored(tr)
         assert torch.equal(tr(**_INPUTS)[0], base)
-        with pytest.raises(AblationError, match="transformer batch"):  # raised inside a hook mid-call
+        with pytest.raises(mp.CallContextError, match="transformer batch"):  # raised inside a hook mid-call
             with intervene(tr, spec, branches=("uncond", "cond", "cond")):
                 tr(**_INPUTS)
         assert_restored(tr)

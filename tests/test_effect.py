@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from mmdit_probe.ablate import intervene
-from mmdit_probe.ablate_cache import record_head_means
-from mmdit_probe.ablate_calls import AblationError
-from mmdit_probe.ablate_specs import AblateHeads, SkipLayers
+from mmdit_probe.ablate import record_head_means
+from mmdit_probe.ablate import AblationError
+from mmdit_probe.ablate import AblateHeads, SkipLayers
 from mmdit_probe.effect import DEFAULT_METRICS, Metric, cosine, mse, psnr, resolve_metrics, run_pipeline, run_with_effects
 from mmdit_probe.models import tiny_sd3_pipeline
 

@@ -106,7 +106,7 @@ def test_dataframe_contract(pipe):
         pipe(PROMPT, guidance_scale=5.0, generator=torch.manual_seed(0), **KW)
     res = rec.result
     df = res.to_dataframe()
-    assert list(df.columns) == ["step", "timestep", "layer", "attention", "batch", "branch", "head", "query", "key", "mass"]
+    assert list(df.columns) == ["step", "timestep", "layer", "attention", "batch", "branch", "prompt", "head", "query", "key", "mass"]
     n_heads = pipe.transformer.config.num_attention_heads
     n_layers = len(pipe.transformer.transformer_blocks)
     n_attn2 = sum(b.attn2 is not None for b in pipe.transformer.transformer_blocks)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mmdit_probe.ablate_calls import AblationError
-from mmdit_probe.ablate_specs import KnockOut, SkipLayers, ZeroText
+from mmdit_probe.ablate import AblationError
+from mmdit_probe.ablate import KnockOut, SkipLayers, ZeroText
 from mmdit_probe.effect import mse, run_with_effects
 from mmdit_probe.maps import QUADRANTS
 from mmdit_probe.models import tiny_sd3_pipeline

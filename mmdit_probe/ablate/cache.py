@@ -17,9 +17,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .ablate_calls import AblationError, CallState, CallTracker
-from .ablate_specs import PATCH_STREAMS, fmt_ints
-from .processors import resolve_transformer
+from ..context import CallContext
+from ..hooks import Edit, ProbeSession, resolve_transformer
+from ..selection import SelectionError, as_indices, fmt_ints
+from .rows import AblationError
+
+#: What :func:`record_activations` can keep and :class:`~mmdit_probe.Patch` can patch.
+PATCH_STREAMS = ("image", "text", "attention", "pooled")
 
 Key = tuple[int, "int | None", str]
 
@@ -38,19 +42,16 @@ class ActivationCache:
         self.model = model
         tr = resolve_transformer(model)
         n = len(tr.transformer_blocks)
-        self.layers = tuple(range(n)) if layers is None else tuple(int(i) for i in layers)
-        bad = [l for l in self.layers if not 0 <= l < n]
-        if bad or not self.layers:
-            raise AblationError(f"record_activations: layers {bad or '(empty)'} out of range: this model has layers 0..{n - 1}")
+        self.layers = _layers(layers, n, "record_activations")
         unknown = [s for s in streams if s not in PATCH_STREAMS]
         if unknown or not streams:
             raise AblationError(f"record_activations: unknown streams {unknown or '(empty)'}; use {PATCH_STREAMS}")
         self.streams = tuple(streams)
-        self.step_filter = None if steps is None else tuple(int(s) for s in steps)
+        self.step_filter = _checked(lambda: as_indices(steps, "steps", owner="record_activations"))
         self.to = to
         self.name = name
         self.data: dict[Key, Any] = {}
-        self._tracker: CallTracker | None = None
+        self._tracker: ProbeSession | None = None
         self._hooks: list[Any] = []
 
     # ---- access -----------------------------------------------------------------------
@@ -96,7 +97,7 @@ class ActivationCache:
     def __enter__(self) -> "ActivationCache":
         if self.data or self._tracker is not None:
             raise RuntimeError("this ActivationCache already holds a run; call record_activations(...) again for a new one")
-        self._tracker = CallTracker(self.model, self, on_call=self._on_call).start()
+        self._tracker = ProbeSession(self.model, self, on_call=self._on_call).start()
         try:
             tr = self._tracker.transformer
             if "pooled" in self.streams:
@@ -120,16 +121,17 @@ class ActivationCache:
             self._tracker.stop()
         self._tracker = None
 
-    def _on_call(self, state: CallState) -> None:
-        if self.name is None and state.layouts:
-            prompt = state.layouts[-1].prompt
+    def _on_call(self, ctx: CallContext) -> None:
+        if self.name is None and ctx.layouts and ctx.layouts[-1] is not None:
+            prompt = ctx.layouts[-1].prompt
             self.name = repr(prompt) if prompt is not None else None
 
     def _keep(self) -> int | None:
-        state = self._tracker.state if self._tracker is not None else None
-        if state is None or (self.step_filter is not None and state.step not in self.step_filter):
+        """The step to store this call under, or None (not selected; SLG's extra call is never stored)."""
+        ctx = self._tracker.context if self._tracker is not None else None
+        if ctx is None or ctx.kind != "main" or (self.step_filter is not None and ctx.step not in self.step_filter):
             return None
-        return state.step
+        return ctx.step
 
     def _store(self, key: Key, value: Any) -> None:
         def prep(t):
@@ -190,34 +192,32 @@ class HeadMeans:
         self.branches = branches
         tr = resolve_transformer(model)
         n = len(tr.transformer_blocks)
-        self.layers = tuple(range(n)) if layers is None else tuple(int(i) for i in layers)
-        bad = [l for l in self.layers if not 0 <= l < n]
-        if bad or not self.layers:
-            raise AblationError(f"record_head_means: layers {bad or '(empty)'} out of range: this model has layers 0..{n - 1}")
+        self.layers = _layers(layers, n, "record_head_means")
         self.sums: dict[tuple[int, int, str, str], torch.Tensor] = {}
         self.counts: dict[tuple[int, int, str, str], int] = {}
-        self._tracker: CallTracker | None = None
-        self._offset = 0
+        self._tracker: ProbeSession | None = None
 
     def __enter__(self) -> "HeadMeans":
         if self._tracker is not None:
             raise RuntimeError("this HeadMeans is already recording")
-        self._tracker = CallTracker(self.model, self, branches=self.branches).start()
-        for proc in self._tracker.controller.processors.values():
-            if proc.site.layer in self.layers:
-                proc.edits.append(_HeadMeanEdit(self))
+        self._tracker = ProbeSession(self.model, self, branches=self.branches).start()
+        try:
+            self._tracker.add_edit(_HeadMeanEdit(self, self.layers))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         if self._tracker is not None:
-            self._tracker.stop()  # releasing the controller detaches the edits this object owns
+            self._tracker.stop()  # removes the edit by its handle and releases the controller
         self._tracker = None
 
-    def add(self, site, out: torch.Tensor) -> None:
-        state = self._tracker.state
-        for branch in dict.fromkeys(state.branches):
-            rows = list(state.rows(branch))
-            key = (state.step, site.layer, site.attention, branch)
+    def add(self, call, out: torch.Tensor) -> None:
+        ctx, site = call.context, call.site
+        for branch in dict.fromkeys(ctx.branches):
+            rows = list(ctx.rows(branch))
+            key = (ctx.step, site.layer, site.attention, branch)
             total = out[rows].detach().float().sum(0)
             self.sums[key] = self.sums[key] + total if key in self.sums else total
             self.counts[key] = self.counts.get(key, 0) + len(rows)
@@ -245,15 +245,27 @@ class HeadMeans:
             )
 
 
-class _HeadMeanEdit:
-    """A no-op head edit that accumulates the head outputs (``owner`` lets the controller detach it)."""
+class _HeadMeanEdit(Edit):
+    """A no-op head edit that accumulates the head outputs into ``means``."""
 
-    def __init__(self, owner: HeadMeans):
-        self.owner = owner
+    def __init__(self, means: HeadMeans, layers: tuple[int, ...]):
+        super().__init__(layers, attentions=("attn", "attn2"))
+        self.means = means
 
     def edit_heads(self, call, out: torch.Tensor) -> torch.Tensor:
-        self.owner.add(call.site, out)
+        self.means.add(call, out)
         return out
+
+
+def _checked(fn):
+    try:
+        return fn()
+    except SelectionError as err:
+        raise AblationError(str(err)) from None
+
+
+def _layers(layers: Any, n: int, owner: str) -> tuple[int, ...]:
+    return tuple(range(n)) if layers is None else _checked(lambda: as_indices(layers, "layers", owner=owner, n=n))
 
 
 def record_head_means(model: Any, layers: Iterable[int] | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .ablate_calls import AblationError
+from .rows import AblationError
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
 """``intervene``: apply ablation specs to a pipeline or bare transformer, restore it on exit.
 
->>> with mp.intervene(pipe, mp.ZeroText(layers=range(6, 12)), mp.KnockOut("image->text", layers=[3])):
+>>> with mp.intervene(pipe, mp.ZeroText(layers=[2, 3]), mp.KnockOut("image->text", layers=[1])):
 ...     ablated = pipe(prompt, generator=torch.manual_seed(0)).images[0]
 
-Specs compose; each is validated (and the set checked for contradictions) before anything runs, and
-run-dependent checks (step count, CFG rows, prompt words) happen at the start of every transformer
-call, before any block computes. Whole-block skips pass diffusers' own ``skip_layers``; other block-level
-specs are forward (pre-)hooks on ``JointTransformerBlock`` / its ``attn``; attention-level specs are
-edits of the :class:`~mmdit_probe.processors.ProbeProcessor`, so an ``AttentionRecorder`` inside the
-``with`` block records the ablated attention. Steps count transformer calls since entering.
+Specs and user :class:`~mmdit_probe.Edit` s compose; each spec is validated (and the set checked for
+contradictions) before anything runs, and run-dependent checks (step count, rows, prompt words)
+happen at the start of every transformer call, before any block computes. Whole-block skips pass
+diffusers' own ``skip_layers``; other block-level specs are forward (pre-)hooks on
+``JointTransformerBlock`` / its ``attn``; attention-level specs are :class:`~mmdit_probe.Edit` s of the
+probe processor, so an ``AttentionRecorder`` inside the ``with`` block records the ablated attention.
+Steps are the denoising steps of each pipeline run (read from the call context).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .ablate_calls import AblationError, CallState, CallTracker, block_inputs, put_rows, replace_block_input
-from .ablate_conflicts import check_conflicts
-from .ablate_specs import AblateHeads, KnockOut, Patch, SkipLayers, Spec, ZeroText
-from .layout import TokenLayout
-from .processors import resolve_transformer
-from .stats import attention_with_lse
+from ..context import CallContext
+from ..hooks import Edit, ProbeSession, resolve_transformer
+from ..kernels import attention_with_lse
+from ..layout import TokenLayout
+from .conflicts import check_conflicts
+from .rows import AblationError, block_inputs, put_rows, replace_block_input
+from .specs import AblateHeads, KnockOut, Patch, SkipLayers, Spec, ZeroText
 
 # logit penalty (before the softmax scale) that observers see on knocked-out query/key pairs
 _PENALTY = {torch.float16: 3.0e4}
@@ -32,13 +34,15 @@ _DEFAULT_PENALTY = 1.0e9
 class Intervention:
     """Context manager applying ``specs`` (see :func:`intervene`)."""
 
-    def __init__(self, model: Any, specs: Sequence[Spec], *, layout: TokenLayout | Sequence[TokenLayout] | None = None,
+    def __init__(self, model: Any, specs: Sequence[Spec | Edit], *, layout: TokenLayout | Sequence[TokenLayout] | None = None,
                  branches: Sequence[str] | None = None):
         self.model = model
         self.transformer = resolve_transformer(model)
-        self.specs = tuple(_flatten(specs))
+        flat = _flatten(specs)
+        self.specs = tuple(s for s in flat if isinstance(s, Spec))
+        self.edits = tuple(s for s in flat if isinstance(s, Edit))
         self.layout, self.branches = layout, branches
-        self._tracker: CallTracker | None = None
+        self._tracker: ProbeSession | None = None
         self._hooks: list[Any] = []
 
     # ---- enter / exit -------------------------------------------------------------------
@@ -47,11 +51,13 @@ class Intervention:
             raise RuntimeError("this intervention is already active")
         check_specs(self.transformer, *self.specs)
         self._check_layout_now()
-        self._tracker = CallTracker(self.model, self, layout=self.layout, branches=self.branches,
-                                    on_call=self._on_call).start()
+        self._tracker = ProbeSession(self.model, self, layout=self.layout, branches=self.branches,
+                                     on_call=self._on_call).start()
         try:
             for spec in self.specs:
                 self._install(spec)
+            for edit in self.edits:
+                self._tracker.add_edit(edit)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -64,12 +70,13 @@ class Intervention:
         finally:
             self._hooks = []
             if self._tracker is not None:
-                self._tracker.stop()  # releases the controller: edits owned by self go with it
+                self._tracker.stop()  # removes this intervention's edits by handle, releases the controller
             self._tracker = None
 
     @property
-    def state(self) -> CallState | None:
-        return self._tracker.state if self._tracker is not None else None
+    def state(self) -> CallContext | None:
+        """The current transformer call's context (None between calls)."""
+        return self._tracker.context if self._tracker is not None else None
 
     def _check_layout_now(self) -> None:
         """With an explicit layout, prompt words can be checked before any call."""
@@ -80,9 +87,9 @@ class Intervention:
             if isinstance(s, ZeroText) and s.needs_layout:
                 s.check_tokens(rows)
 
-    def _on_call(self, state: CallState) -> None:
+    def _on_call(self, ctx: CallContext) -> None:
         for s in self.specs:
-            s.check_call(state)
+            s.check_call(ctx)
 
     # ---- installation -------------------------------------------------------------------
     def _install(self, spec: Spec) -> None:
@@ -118,17 +125,17 @@ class Intervention:
             raise TypeError(f"no installer for {type(spec).__name__}")
 
     def _add_edits(self, spec: Spec, kind: type, attentions: tuple[str, ...]) -> None:
-        layers = set(spec.layer_list(self.transformer))
-        for proc in self._tracker.controller.processors.values():
-            if proc.site.layer in layers and proc.site.attention in attentions:
-                proc.edits.append(kind(self, spec))
+        self._tracker.add_edit(kind(self, spec, spec.layer_list(self.transformer), attentions))
 
-    def _rows(self, spec: Spec) -> tuple[int, ...] | None:
+    def _rows(self, spec: Spec, ctx: CallContext | None = None) -> tuple[int, ...] | None:
         """Rows ``spec`` changes in the current call, or None when it is inactive."""
-        state = self.state
-        if state is None or not spec.active(state):
+        ctx = self.state if ctx is None else ctx
+        if ctx is None or not spec.active(ctx):
             return None
-        return state.rows(spec.branch)
+        rows = ctx.rows(spec.branch)
+        if isinstance(spec, Patch) and ctx.kind != "main":
+            return None  # sources hold the main calls only
+        return rows or None
 
     # ---- hooks --------------------------------------------------------------------------
     def _skip_hook(self, spec: SkipLayers):
@@ -210,15 +217,15 @@ class Intervention:
         return hook
 
 
-# ---- attention-level edits (ProbeProcessor) ------------------------------------------------
-class _Edit:
-    def __init__(self, owner: Intervention, spec: Spec):
-        self.owner = owner  # the controller detaches edits by owner
-        self.spec = spec
+# ---- attention-level specs, as Edits ---------------------------------------------------------
+class _SpecEdit(Edit):
+    def __init__(self, owner: Intervention, spec: Spec, layers: tuple[int, ...], attentions: tuple[str, ...]):
+        super().__init__(layers, attentions)
+        self.owner, self.spec = owner, spec
 
     def selection(self, call) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(rows, heads)`` index tensors this call changes, or None."""
-        rows = self.owner._rows(self.spec)
+        rows = self.owner._rows(self.spec, call.context)
         if rows is None:
             return None
         heads = getattr(self.spec, "heads", None)
@@ -226,17 +233,17 @@ class _Edit:
         return torch.tensor(rows, dtype=torch.long), torch.tensor(list(heads), dtype=torch.long)
 
 
-class _ZeroAttentionEdit(_Edit):
+class _ZeroAttentionEdit(_SpecEdit):
     """``SkipLayers(mode="attention")``: the attention adds nothing to either stream."""
 
     def edit_streams(self, call, image, text):
-        rows = self.owner._rows(self.spec)
+        rows = self.owner._rows(self.spec, call.context)
         if rows is None:
             return image, text
         return put_rows(image, rows, 0.0), None if text is None else put_rows(text, rows, 0.0)
 
 
-class _KnockOutEdit(_Edit):
+class _KnockOutEdit(_SpecEdit):
     """``KnockOut``: recompute the affected query rows over the allowed key stream only."""
 
     def _streams(self, call) -> tuple[slice, slice, slice]:
@@ -276,7 +283,7 @@ class _KnockOutEdit(_Edit):
         return torch.cat([q, qe], -1), torch.cat([k, ke], -1)
 
 
-class _HeadEdit(_Edit):
+class _HeadEdit(_SpecEdit):
     """``AblateHeads``: zero or mean-replace head outputs ``out [B, H, N, D]``."""
 
     def edit_heads(self, call, out):
@@ -290,7 +297,7 @@ class _HeadEdit(_Edit):
             out_r[:, h] = 0.0
             out[r] = out_r
             return out
-        state = self.owner.state
+        state = call.context
         for branch in dict.fromkeys(state.branches[i] for i in r.tolist()):
             rows = torch.tensor([i for i in r.tolist() if state.branches[i] == branch], dtype=torch.long, device=out.device)
             mean = self.spec.reference.mean_for(state.step, call.site.layer, call.site.attention, branch)
@@ -305,32 +312,33 @@ class _HeadEdit(_Edit):
         return out
 
 
-def _flatten(specs: Iterable[Any]) -> list[Spec]:
-    flat: list[Spec] = []
+def _flatten(specs: Iterable[Any]) -> list[Spec | Edit]:
+    flat: list[Spec | Edit] = []
     for s in specs:
         flat.extend(s if isinstance(s, (list, tuple)) else [s])
     for s in flat:
-        if not isinstance(s, Spec):
-            raise TypeError(f"intervene takes ablation specs (SkipLayers, ZeroText, KnockOut, AblateHeads, Patch), got {type(s).__name__}")
+        if not isinstance(s, (Spec, Edit)):
+            raise TypeError(f"intervene takes ablation specs (SkipLayers, ZeroText, KnockOut, AblateHeads, Patch) or "
+                            f"Edit instances, got {type(s).__name__}")
     return flat
 
 
 def check_specs(model: Any, *specs: Spec | Iterable[Spec]) -> None:
     """Validate ``specs`` against ``model`` and each other (what ``intervene`` does on entry), without running anything."""
     tr = resolve_transformer(model)
-    flat = _flatten(specs)
+    flat = [s for s in _flatten(specs) if isinstance(s, Spec)]
     for s in flat:
         s.validate(tr)
     check_conflicts(flat, tr)
 
 
-def intervene(model: Any, *specs: Spec | Iterable[Spec], layout: TokenLayout | Sequence[TokenLayout] | None = None,
+def intervene(model: Any, *specs: Spec | Edit | Iterable[Spec | Edit], layout: TokenLayout | Sequence[TokenLayout] | None = None,
               branches: Sequence[str] | None = None) -> Intervention:
     """Context manager applying ablation ``specs`` to ``model`` (pipeline or ``SD3Transformer2DModel``).
 
-    Restores processors and hooks on exit, also after an exception. Steps count transformer calls
-    from entry and keep counting across pipeline calls: enter once per run when selecting steps. ``layout`` (one
-    ``TokenLayout`` or one per batch row) and ``branches`` (``"uncond"``/``"cond"`` per row) describe
-    the batch of a bare transformer; a pipeline's are read from its call. Lists of specs are flattened.
+    ``specs``: built-in specs and/or your own :class:`~mmdit_probe.Edit` subclasses. Restores processors
+    and hooks on exit, also after an exception. Steps are denoising steps of each pipeline run.
+    ``layout`` (one ``TokenLayout`` or one per batch row) and ``branches`` (a branch name per row)
+    describe the batch of a bare transformer; a pipeline's are read from its call. Lists are flattened.
     """
     return Intervention(model, _flatten(specs), layout=layout, branches=branches)

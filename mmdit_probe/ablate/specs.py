@@ -3,27 +3,29 @@
 
 Every spec has ``describe()`` (one line for tables and plots) and ``validate(transformer)`` (checks
 indices and names against the model; ``intervene`` calls it before any compute). Selections:
-``layers`` / ``heads`` / ``steps`` are ints or iterables (``None`` = all; empty = error), ``steps``
-count transformer calls since entering ``intervene`` (one per denoising step, CFG rows share a
-call), ``branch`` is ``"cond"``, ``"uncond"`` or ``None`` (both halves of the ``[uncond ; cond]`` batch).
+``layers`` / ``heads`` / ``steps`` are ints or iterables (``None`` = all; empty = error; numpy ints
+and ranges accepted), ``steps`` are denoising steps of each pipeline run (``0 … n − 1``; SLG's extra
+call shares its step), ``branch`` is ``"uncond"``, ``"cond"``, ``"slg"``, ``"perturbed"`` or ``None``
+(every row of every call).
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 
-from .ablate_calls import BRANCHES, AblationError, CallState
-from .ablate_conflicts import Touch
-from .layout import TEXT_GROUPS, TokenLayout, normalise_word
-from .maps import parse_quadrant, quadrant_name
+from ..context import BRANCHES, CallContext, CallContextError
+from ..layout import TEXT_GROUPS, TokenLayout, normalise_word
+from ..maps import parse_quadrant, quadrant_name
+from ..selection import SelectionError, as_indices, fmt_ints
+from .cache import PATCH_STREAMS, ActivationCache, HeadMeans
+from .conflicts import Touch
+from .rows import AblationError
 
 SKIP_MODES = ("block", "attention", "image")
 HEAD_MODES = ("zero", "mean")
-PATCH_STREAMS = ("image", "text", "attention", "pooled")
 #: Coarse token-group names accepted by ``ZeroText(groups=...)`` besides the fine ``TEXT_GROUPS``.
 GROUP_ALIASES: dict[str, tuple[str, ...]] = {
     "clip": ("clip_real", "clip_special", "clip_padding"),
@@ -36,19 +38,10 @@ GROUP_ALIASES: dict[str, tuple[str, ...]] = {
 
 # ---- small helpers ----------------------------------------------------------------------
 def _ints(x: int | Iterable[int] | None, what: str, spec: str) -> tuple[int, ...] | None:
-    if x is None:
-        return None
     try:
-        vals: tuple = (operator.index(x),)  # one int (also numpy / 0-d tensor ints)
-    except TypeError:
-        vals = tuple(x)
-    try:
-        out = tuple(dict.fromkeys(operator.index(i) for i in vals))
-    except TypeError:
-        raise AblationError(f"{spec}: {what} must be integer indices, got {x!r}") from None
-    if not out:
-        raise AblationError(f"{spec}: empty {what} selection; pass None for all {what} or at least one index")
-    return out
+        return as_indices(x, what, owner=spec)
+    except SelectionError as err:
+        raise AblationError(str(err)) from None
 
 
 def _names(x: str | Iterable[str] | None, what: str, spec: str) -> tuple[str, ...] | None:
@@ -58,19 +51,6 @@ def _names(x: str | Iterable[str] | None, what: str, spec: str) -> tuple[str, ..
     if not out:
         raise AblationError(f"{spec}: empty {what} selection; pass None or at least one name")
     return tuple(dict.fromkeys(out))
-
-
-def fmt_ints(xs: Iterable[int]) -> str:
-    """``(0, 1, 2, 5)`` → ``"0-2,5"``."""
-    xs = sorted(set(xs))
-    parts, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        parts.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(parts)
 
 
 def _blocks(layers: tuple[int, ...] | None) -> str:
@@ -103,10 +83,7 @@ class Spec:
             if hasattr(self, f):
                 object.__setattr__(self, f, _ints(getattr(self, f), f, self.name))
         if getattr(self, "branch", None) not in (None,) + BRANCHES:
-            raise AblationError(f"{self.name}: branch must be 'cond', 'uncond' or None (both), got {self.branch!r}")
-        bad = [s for s in getattr(self, "steps", None) or () if s < 0]
-        if bad:
-            raise AblationError(f"{self.name}: steps {bad} are negative; steps count transformer calls from 0")
+            raise AblationError(f"{self.name}: branch must be one of {BRANCHES} or None (every row), got {self.branch!r}")
 
     def validate(self, transformer: torch.nn.Module) -> None:
         """Check layer/head indices against ``transformer``; raises :class:`AblationError`."""
@@ -117,23 +94,23 @@ class Spec:
         layers = getattr(self, "layers", None)
         return tuple(range(len(transformer.transformer_blocks))) if layers is None else layers
 
-    def active(self, state: CallState) -> bool:
-        return self.steps is None or state.step in self.steps
+    def active(self, ctx: CallContext) -> bool:
+        return self.steps is None or ctx.step in self.steps
 
-    def check_call(self, state: CallState) -> None:
-        """Checks that need the run (step count, CFG rows); called before the transformer computes."""
-        if self.steps is not None and state.n_steps is not None:
-            bad = [s for s in self.steps if s >= state.n_steps]
+    def check_call(self, ctx: CallContext) -> None:
+        """Checks that need the run (step count, rows); called before the transformer computes."""
+        if self.steps is not None and ctx.n_steps is not None:
+            bad = [s for s in self.steps if s >= ctx.n_steps]
             if bad:
                 raise AblationError(
-                    f"{self.describe()}: steps {bad} out of range: this run has {state.n_steps} denoising steps "
-                    f"(steps 0..{state.n_steps - 1}; a step is one transformer call)"
+                    f"{self.describe()}: steps {bad} out of range: this run has {ctx.n_steps} denoising steps "
+                    f"(steps 0..{ctx.n_steps - 1})"
                 )
-        if not state.rows(self.branch):
+        if ctx.kind == "main" and self.branch not in (None, "slg") and not ctx.rows(self.branch):
             raise AblationError(
-                f"{self.describe()}: branch={self.branch!r} selects no batch rows (rows are {list(state.branches)}); "
-                f"the 'uncond' half exists only with classifier-free guidance (guidance_scale > 1), or pass "
-                f"branches=... to intervene for a bare transformer"
+                f"{self.describe()}: branch={self.branch!r} selects no batch rows (rows are {list(ctx.branches)}); "
+                f"the 'uncond' rows exist only with classifier-free guidance (guidance_scale > 1), 'perturbed' only "
+                f"with PAG; pass branches=... to intervene for a bare transformer"
             )
 
     def touches(self, transformer: torch.nn.Module) -> list[Touch]:
@@ -248,16 +225,15 @@ class ZeroText(Spec):
                 pos.update(p - start for p in layout.word_positions(w))
         return sorted(pos)
 
-    def check_call(self, state: CallState) -> None:
-        super().check_call(state)
-        if not self.needs_layout:
+    def check_call(self, ctx: CallContext) -> None:
+        super().check_call(ctx)
+        if not self.needs_layout or not ctx.rows(self.branch):
             return
-        if state.layouts is None:
-            raise AblationError(
-                f"{self.describe()}: token groups and words need the token layout: call the pipeline with a prompt "
-                f"(not only prompt_embeds), or pass layout=TokenLayout.from_prompt(pipe, prompt, ...) to intervene"
-            )
-        self.check_tokens([state.layouts[r] for r in state.rows(self.branch)])
+        try:
+            rows = [ctx.layout(r) for r in ctx.rows(self.branch)]
+        except CallContextError as err:
+            raise AblationError(f"{self.describe()}: token groups and words need the token layout; {err}") from None
+        self.check_tokens(rows)
 
     def check_tokens(self, rows: Iterable[TokenLayout]) -> None:
         """Raise unless the words are in the prompt and the selection has tokens in some row."""
@@ -339,8 +315,6 @@ class AblateHeads(Spec):
             raise AblationError(f"AblateHeads: unknown mode {self.mode!r}; use one of {HEAD_MODES}")
         if self.attention not in ("attn", "attn2"):
             raise AblationError(f"AblateHeads: attention must be 'attn' or 'attn2', got {self.attention!r}")
-        from .ablate_cache import HeadMeans  # noqa: PLC0415 - the cache module imports this one
-
         if self.mode == "mean" and not isinstance(self.reference, HeadMeans):
             raise AblationError(
                 "AblateHeads(mode='mean') needs reference=record_head_means(...) filled by a reference run: "
@@ -392,8 +366,6 @@ class Patch(Spec):
             raise AblationError(f"Patch: unknown stream {self.stream!r}; use one of {PATCH_STREAMS}")
         if self.stream == "pooled" and self.layers is not None:
             raise AblationError("Patch(stream='pooled') patches the model-level pooled conditioning and takes no layers")
-        from .ablate_cache import ActivationCache  # noqa: PLC0415 - the cache module imports this one
-
         if not isinstance(self.source, ActivationCache):
             raise AblationError(
                 "Patch: source must be the cache of mmdit_probe.record_activations(...), e.g. "

@@ -158,7 +158,7 @@ def ablation_context(pipe, name: str):
     block), ``"zero_text_pooled"`` (also ``ZeroText(pooled=True)``) or ``"skip_<L>"``
     (:class:`~mmdit_probe.SkipLayers`); a context manager that restores the pipeline on exit."""
     from ..ablate import intervene
-    from ..ablate_specs import SkipLayers, ZeroText
+    from ..ablate import SkipLayers, ZeroText
 
     if name == "none":
         return contextlib.nullcontext()

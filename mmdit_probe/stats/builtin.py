@@ -1,0 +1,219 @@
+"""The built-in statistics: quadrant mass, key-group mass, entropy, key-column mass, word maps.
+
+All exact from the fused kernel's log-sum-exp (design.md §2); none forms the N×N matrix. Rows in
+``call.self_only_rows`` (PAG's perturbed row) are exact for mass, group mass and word maps; entropy
+and key-column mass are NaN there (their identities assume every key is visible).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from ..context import CallContext, CallContextError
+from ..kernels import complement_mass, entropy, key_column_mass, key_set_mass, lse_over_keys
+from ..layout import KEY_GROUPS, QUERY_GROUPS, TokenLayout, normalise_word, stream_slices
+from .statistic import Statistic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..hooks import AttentionCall
+
+_WORD_BLOCK_BYTES = 64 << 20  # cap on the q_img·k_wordsᵀ block formed at once
+
+
+def _nan(*shape: int, device) -> torch.Tensor:
+    return torch.full(shape, float("nan"), device=device)
+
+
+def _masses(call: "AttentionCall", q, k, lse) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query: mass on image keys and on text keys, ``[B, H, N]`` each."""
+    if not call.n_text:
+        return torch.ones_like(lse), torch.zeros_like(lse)
+    lse_text = lse_over_keys(q, k[:, :, call.text_slice], call.scale)
+    return complement_mass(lse_text, lse), key_set_mass(lse_text, lse)
+
+
+class Mass(Statistic):
+    """Quadrant mass ``[B, H, query, key]``: mean over the query group of the probability on the key group."""
+
+    name, dims, value_name = "mass", ("head", "query", "key"), "mass"
+
+    def coords(self):
+        return {"query": QUERY_GROUPS, "key": QUERY_GROUPS}
+
+    def compute(self, call, q, k, v, lse):
+        img, txt = call.image_slice, call.text_slice
+        to_image, to_text = _masses(call, q, k, lse)
+        if not call.n_text:  # attn2: image-only, all mass on image keys
+            out = _nan(*q.shape[:2], 2, 2, device=q.device)
+            out[..., 0, 0] = 1.0
+            return out
+        return torch.stack([
+            torch.stack([to_image[..., img].mean(-1), to_text[..., img].mean(-1)], -1),
+            torch.stack([to_image[..., txt].mean(-1), to_text[..., txt].mean(-1)], -1),
+        ], -2)
+
+
+class Entropy(Statistic):
+    """Attention entropy (nats) per query group, ``[B, H, query]``."""
+
+    name, dims, value_name = "entropy", ("head", "query"), "entropy"
+
+    def coords(self):
+        return {"query": QUERY_GROUPS}
+
+    def compute(self, call, q, k, v, lse):
+        h = entropy(q, k, lse, call.scale)
+        nan = _nan(*q.shape[:2], device=q.device)
+        out = torch.stack([h[..., call.image_slice].mean(-1), h[..., call.text_slice].mean(-1) if call.n_text else nan], -1)
+        return _blank_rows(out, call.self_only_rows)
+
+
+class KeyMass(Statistic):
+    """Attention each key token receives, summed over image / text queries: ``[B, H, query, key_token]``
+    at joint positions (attn2's columns placed at the image positions)."""
+
+    name, dims, value_name = "key_mass", ("head", "query", "key_token"), "mass"
+
+    def coords(self):
+        return {"query": QUERY_GROUPS}
+
+    def compute(self, call, q, k, v, lse):
+        img, txt, s = call.image_slice, call.text_slice, call.scale
+        from_image = key_column_mass(q[:, :, img], k, lse[..., img], s)
+        if call.n_text:
+            out = torch.stack([from_image, key_column_mass(q[:, :, txt], k, lse[..., txt], s)], -2)
+            return _blank_rows(out, call.self_only_rows)
+        n_text = call.context.n_text
+        out = _nan(*q.shape[:2], 2, call.n_image + n_text, device=q.device)
+        out[:, :, 0, stream_slices(call.order, call.n_image, n_text)["image"]] = from_image
+        return out
+
+
+class GroupMass(Statistic):
+    """Mass on each key group (image, CLIP/T5 × real/special/padding): ``[B, H, query, key_group]``."""
+
+    name, dims, value_name = "group_mass", ("head", "query", "key_group"), "mass"
+
+    def coords(self):
+        return {"query": QUERY_GROUPS, "key_group": KEY_GROUPS}
+
+    def begin(self, context: CallContext) -> None:
+        for r in range(context.batch):
+            context.layout(r)  # group masses need every row's layout: a clear error before compute
+
+    def compute(self, call, q, k, v, lse):
+        B, H = q.shape[:2]
+        img, txt = call.image_slice, call.text_slice
+        to_image, _ = _masses(call, q, k, lse)
+        out = _nan(B, H, 2, len(KEY_GROUPS), device=q.device)
+        out[:, :, 0, 0] = to_image[..., img].mean(-1)
+        if not call.n_text:
+            return out
+        out[:, :, 1, 0] = to_image[..., txt].mean(-1)
+        layouts = call.context.layouts
+        for gi, group in enumerate(KEY_GROUPS[1:], start=1):
+            for rows, pos in rows_by_positions(layouts, lambda lay: lay.group_positions(group)).items():
+                r = list(rows)
+                if not pos:
+                    out[r, :, :, gi] = 0.0
+                    continue
+                m = key_set_mass(lse_over_keys(q[r], k[r][:, :, list(pos)], call.scale), lse[r])
+                out[r, :, 0, gi] = m[..., img].mean(-1)
+                out[r, :, 1, gi] = m[..., txt].mean(-1)
+        return out
+
+
+class WordMap(Statistic):
+    """Image→word mass over the image tokens, ``[B, word, image_token]`` (head mean) or
+    ``[B, H, word, image_token]`` (``heads="all"``); joint attention only (no attn2 slot).
+
+    ``words``: ``True`` for every word of the prompts, or a list. Words are fixed at the first call.
+    """
+
+    name, value_name, attentions = "word_map", "mass", ("attn",)
+
+    def __init__(self, words: bool | Sequence[str] = True, heads: str = "mean"):
+        if heads not in ("all", "mean"):
+            raise ValueError(f"word_heads must be 'all' or 'mean', got {heads!r}")
+        self.requested = words if isinstance(words, bool) else tuple(words)
+        self.heads = heads
+        self.dims = ("head", "word", "image_token") if heads == "all" else ("word", "image_token")
+        self.words: tuple[str, ...] | None = None
+
+    def coords(self):
+        return {"word": self.words or ()}
+
+    def begin(self, context: CallContext) -> None:
+        layouts = [context.layout(r) for r in range(context.batch)]  # clear error for rows without a prompt
+        if self.words is None:
+            self.words = self._resolve(layouts)
+
+    def _resolve(self, layouts: list[TokenLayout]) -> tuple[str, ...]:
+        present: dict[str, None] = {}
+        for lay in layouts:
+            for w in lay.words:
+                present.setdefault(w, None)
+        if self.requested is True:
+            return tuple(present)
+        missing = [w for w in self.requested if normalise_word(w) not in present]
+        if missing:
+            raise KeyError(f"word(s) {missing} not in the prompt; words present: {', '.join(present)}")
+        return tuple(normalise_word(w) for w in self.requested)
+
+    def bytes_per_call(self, context: CallContext, heads: int) -> int:
+        n_image = context.latent_hw[0] * context.latent_hw[1]
+        return 4 * context.batch * (heads if self.heads == "all" else 1) * len(self.words or ()) * n_image
+
+    def compute(self, call, q, k, v, lse):
+        """One small ``q_img·k_wordsᵀ`` block per row group (chunked under ``_WORD_BLOCK_BYTES``)."""
+        if not call.n_text or not self.words:
+            return None
+        B, H = q.shape[:2]
+        img = call.image_slice
+        words = self.words
+        out = _nan(B, H if self.heads == "all" else 1, len(words), call.n_image, device=q.device)
+        per_row = rows_by_positions(call.context.layouts,
+                                    lambda lay: tuple(tuple(_safe_word_positions(lay, w)) for w in words))
+        for rows, word_pos in per_row.items():
+            cols = [p for pos in word_pos for p in pos]  # joint positions
+            if not cols:
+                continue
+            r = list(rows)
+            qi, kw, lse_i = q[r][:, :, img].float(), k[r][:, :, cols].float(), lse[r][..., img]
+            chunk = max(1, _WORD_BLOCK_BYTES // max(1, 4 * len(r) * H * len(cols)))
+            for start in range(0, call.n_image, chunk):
+                sl = slice(start, start + chunk)
+                logits = torch.matmul(qi[:, :, sl], kw.transpose(-1, -2)) * call.scale  # [b, H, chunk, cols]
+                first = 0
+                for wi, pos in enumerate(word_pos):
+                    if pos:
+                        m = torch.exp(torch.logsumexp(logits[..., first : first + len(pos)], dim=-1) - lse_i[..., sl])
+                        out[r, :, wi, sl] = m if self.heads == "all" else m.mean(1, keepdim=True)
+                    first += len(pos)
+        return out if self.heads == "all" else out[:, 0]
+
+
+def _blank_rows(t: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:
+    if rows:
+        t = t.clone()
+        t[list(rows)] = float("nan")
+    return t
+
+
+def _safe_word_positions(layout: TokenLayout, word: str) -> list[int]:
+    try:
+        return layout.word_positions(word)
+    except KeyError:
+        return []
+
+
+def rows_by_positions(layouts, fn) -> dict[tuple[int, ...], tuple]:
+    """Group batch rows whose position lists are equal, so each distinct set is one kernel call."""
+    groups: dict[tuple, list[int]] = {}
+    for row, lay in enumerate(layouts or []):
+        if lay is None:
+            raise CallContextError(f"batch row {row} has no token layout (the pipeline was given embeddings for it)")
+        groups.setdefault(tuple(fn(lay)), []).append(row)
+    return {tuple(rows): pos for pos, rows in groups.items()}
