@@ -139,6 +139,10 @@ class AttentionRecorder:
             raise RuntimeError("nothing recorded yet: use the recorder as `with AttentionRecorder(pipe) as rec: pipe(...)`")
         return self._result
 
+    def held_bytes(self, *names: str) -> int:
+        """Bytes of recorded values held now (of the named statistics, ``"maps"`` for full maps; all by default)."""
+        return 0 if self._rec is None else self._rec.held_bytes(names or None)
+
     # ---- per transformer call ---------------------------------------------------------
     def _on_call(self, ctx: CallContext) -> None:
         for s in self.statistics:

@@ -78,31 +78,31 @@ class PromptCapture:
         key = (ehs.data_ptr(), tuple(ehs.shape), ehs._version, tuple(image_grid), len(self.encodings))
         if self._match_cache is not None and self._match_cache[0] == key:
             return self._match_cache[1]
-        prompts: list[int | None] = []
-        layouts: list[TokenLayout | None] = []
         n_text = ehs.shape[1]
-        for row in ehs:
-            found = self._find(row)
-            if found is None:
-                prompts.append(None)
-                layouts.append(None)
-                continue
-            enc, p = found
-            prompts.append(p)
-            layouts.append(self._layout(enc, p, image_grid, n_text))
+        found = [self._find(row) for row in ehs]  # (encoding, candidate prompt indices) or None
+        prompts: list[int | None] = [None] * len(found)
+        layouts: list[TokenLayout | None] = [None] * len(found)
+        for enc in {id(f[0]): f[0] for f in found if f is not None}.values():
+            rows = [r for r, f in enumerate(found) if f is not None and f[0] is enc]
+            n = enc.hidden.shape[0]
+            per = len(rows) // n if len(rows) % n == 0 else 0  # rows per prompt (num_images_per_prompt)
+            for i, r in enumerate(rows):
+                candidates = found[r][1]
+                p = i // per if per and (i // per) in candidates else candidates[0]  # equal prompts: by order
+                prompts[r], layouts[r] = p, self._layout(enc, p, image_grid, n_text)
         out = (tuple(prompts), tuple(layouts))
         self._match_cache = (key, out)
         return out
 
-    def _find(self, row: torch.Tensor) -> tuple[Encoding, int] | None:
+    def _find(self, row: torch.Tensor) -> tuple[Encoding, list[int]] | None:
         for enc in reversed(self.encodings):  # the newest run's encodings first
             width = enc.hidden.shape[-1]
             if row.shape[0] < CLIP_LENGTH or row.shape[1] < width:
                 continue
             part = row[:CLIP_LENGTH, :width].to(device=enc.hidden.device, dtype=torch.float32)
-            for p in range(enc.hidden.shape[0]):
-                if torch.equal(part, enc.hidden[p].to(torch.float32)):
-                    return enc, p
+            hits = [p for p in range(enc.hidden.shape[0]) if torch.equal(part, enc.hidden[p].to(torch.float32))]
+            if hits:
+                return enc, hits
         return None
 
     def _layout(self, enc: Encoding, p: int, image_grid, n_text: int) -> TokenLayout:
