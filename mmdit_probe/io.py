@@ -95,9 +95,8 @@ def save_result(result, path) -> str:
     return str(path)
 
 
-def load_result(path):
-    from .result import AttentionResult
-
+def read_result(path) -> tuple[dict, dict, dict, list, dict]:
+    """``(stats, maps, map_meta, layouts, meta)`` of a results file; ``AttentionResult.load`` builds the result."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no results file at {path}; save one with result.save(path) or `mmdit-probe record`")
@@ -132,4 +131,4 @@ def load_result(path):
         layouts = [distinct[i] if i is not None else None for i in header["layouts"]["rows"]]
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ResultsFileError(f"{path}: results header is inconsistent ({err!r}); record the run again") from err
-    return AttentionResult(stats, maps, map_meta, layouts, header.get("meta", {}))
+    return stats, maps, map_meta, layouts, header.get("meta", {})

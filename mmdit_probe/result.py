@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .io import read_result, save_result
 from .layout import TokenLayout, normalise_word
 from .maps import parse_quadrant, quadrant_name
 from .named import Stat
@@ -193,15 +194,11 @@ class AttentionResult:
     # ---- persistence ------------------------------------------------------------------
     def save(self, path) -> str:
         """Write atomically to one ``.safetensors`` file (tensors) with a JSON header (coords, layouts)."""
-        from .io import save_result
-
         return save_result(self, path)
 
     @classmethod
     def load(cls, path) -> "AttentionResult":
-        from .io import load_result
-
-        return load_result(path)
+        return cls(*read_result(path))
 
     def __repr__(self) -> str:
         parts = [f"{n}{tuple(s.values.shape)}" for n, s in self.stats.items()]

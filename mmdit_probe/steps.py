@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from .record import AttentionRecorder
+
 __all__ = [
     "Schedule", "StepStudy", "schedule", "layer_groups", "step_count_study", "interpolate_at_sigmas",
     "image_convergence", "plot_mass_vs_sigma",
@@ -100,7 +102,6 @@ def step_count_study(
     """
     import pandas as pd
 
-    from .record import AttentionRecorder
 
     n_layers = len(pipe.transformer.transformer_blocks)
     gmap = layer_groups(n_layers, groups)
