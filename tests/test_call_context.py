@@ -312,3 +312,31 @@ def test_one_selection_normaliser(pipe):
             mp.KnockOut("image->text", heads=bad)
     with pytest.raises(mp.SelectionError, match="out of range"):
         mp.AttentionRecorder(pipe, maps=mp.MapSelection("image->text", heads=[7]))
+
+
+def test_fused_qkv_projections_recorded_bitwise():
+    pipe = mp.tiny_sd3_pipeline("sd3", seed=2)
+    pipe.transformer.fuse_qkv_projections()
+    args = dict(num_inference_steps=2, guidance_scale=5.0, **KW)
+    base = pipe(PROMPT, generator=torch.manual_seed(0), **args).images
+    with capture_attention_inputs(pipe.transformer) as calls, mp.AttentionRecorder(pipe) as rec:
+        out = pipe(PROMPT, generator=torch.manual_seed(0), **args).images
+    assert torch.equal(out, base)
+    assert all(type(p).__name__ == "FusedJointAttnProcessor2_0" for p in pipe.transformer.attn_processors.values())
+    res = rec.result
+    n_img = res.image_grid[0] * res.image_grid[1]
+    for ci, layer, name, hs, ehs in calls:
+        P = reference_probs(pipe.transformer.transformer_blocks[layer].attn, hs, ehs)
+        assert torch.allclose(res.mass.values[ci, layer, 0].double(), _mass_from_probs(P, n_img), atol=2e-6)
+
+
+def test_refused_entry_leaves_nothing_behind(pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    tr = mp.tiny_sd3_pipeline("sd3", seed=3).transformer
+    tr.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(TypeError, match="JointAttnProcessor2_0"):
+        with mp.AttentionRecorder(tr):
+            pass
+    assert "_mmdit_probe_controller" not in tr.__dict__
+    assert all(type(p) is AttnProcessor2_0 for p in tr.attn_processors.values())

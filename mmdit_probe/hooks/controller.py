@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from diffusers.models.attention_processor import JointAttnProcessor2_0
+from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 
 from ..context import CallContext, ContextBuilder
 from ..layout import TokenLayout, joint_order
@@ -144,15 +144,16 @@ class ProbeController:
     # ---- installation -------------------------------------------------------------------
     def _install(self) -> None:
         originals = dict(self.transformer.attn_processors)
-        wrong = {k: type(v).__name__ for k, v in originals.items() if type(v) is not JointAttnProcessor2_0}
+        wrong = {k: type(v).__name__ for k, v in originals.items() if type(v) not in (JointAttnProcessor2_0, FusedJointAttnProcessor2_0)}
         if wrong:
             first = next(iter(wrong.items()))
             raise TypeError(
-                f"mmdit_probe replaces JointAttnProcessor2_0 only, but {first[0]} uses {first[1]} "
+                f"mmdit_probe replaces JointAttnProcessor2_0 (and its fused form) only, but {first[0]} uses {first[1]} "
                 f"({len(wrong)} modules differ). Reset them with transformer.set_attn_processor(JointAttnProcessor2_0()) "
-                f"(after fuse_qkv_projections(): transformer.unfuse_qkv_projections()) or remove the adapter that installed them."
+                f"or remove the adapter that installed them."
             )
-        processors = {f"{s.name}.processor": ProbeProcessor(s, self) for s in self.sites}
+        processors = {f"{s.name}.processor": ProbeProcessor(
+            s, self, fused=type(originals.get(f"{s.name}.processor")) is FusedJointAttnProcessor2_0) for s in self.sites}
         missing = set(originals) - set(processors)
         if missing:
             raise TypeError(f"unexpected attention processors {sorted(missing)[:3]}; is this an SD3 MMDiT?")

@@ -29,9 +29,10 @@ def _heads(x: torch.Tensor, batch: int, heads: int, head_dim: int) -> torch.Tens
 class ProbeProcessor:
     """Drop-in for ``JointAttnProcessor2_0`` with observer and edit points (see :class:`Edit`)."""
 
-    def __init__(self, site: Site, controller: "ProbeController"):
+    def __init__(self, site: Site, controller: "ProbeController", fused: bool = False):
         self.site = site
         self.controller = controller
+        self.fused = fused  # replaces FusedJointAttnProcessor2_0 (after fuse_qkv_projections): its ops, its order
         self.observers: tuple[Any, ...] = ()
         self.edits: tuple[Any, ...] = ()
         self.needs_lse = False  # kept in step with observers/edits by the controller
@@ -39,6 +40,8 @@ class ProbeProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         residual = hidden_states
         batch_size = hidden_states.shape[0]
+        if self.fused:
+            return self._fused(attn, hidden_states, encoder_hidden_states)
 
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
@@ -65,7 +68,25 @@ class ProbeProcessor:
             streams = {"image": (query, key, value), "text": (eq, ek, ev)}
             query, key, value = (torch.cat([streams[s][i] for s in order], dim=2) for i in range(3))
 
-        n_image = residual.shape[1]
+        return self._attend(attn, batch_size, head_dim, residual.shape[1], n_text, query, key, value, encoder_hidden_states)
+
+    def _fused(self, attn, hidden_states, encoder_hidden_states):
+        """``FusedJointAttnProcessor2_0``'s projections: one ``to_qkv`` / ``to_added_qkv`` matmul, no qk-norm."""
+        batch_size, n_image = hidden_states.shape[:2]
+        parts = [torch.split(attn.to_qkv(hidden_states), attn.to_qkv.out_features // 3, dim=-1)]
+        if encoder_hidden_states is not None:
+            parts.append(torch.split(attn.to_added_qkv(encoder_hidden_states), attn.to_added_qkv.out_features // 3, dim=-1))
+        streams = dict(zip(("image", "text"), parts))
+        order = [s for s in self.controller.order if s in streams]
+        joined = [torch.cat([streams[s][i] for s in order], dim=1) for i in range(3)]
+        head_dim = joined[1].shape[-1] // attn.heads
+        query, key, value = (_heads(t, batch_size, attn.heads, head_dim) for t in joined)
+        n_text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        return self._attend(attn, batch_size, head_dim, n_image, n_text, query, key, value, encoder_hidden_states)
+
+    def _attend(self, attn, batch_size, head_dim, n_image, n_text, query, key, value, encoder_hidden_states):
+        """Kernel, edits, observers, head merge and output projections (shared by both projection paths)."""
+        order = self.controller.order
         if self.edits:
             query, key, value = self._edit_qkv(n_image, n_text, query, key, value)
         if self.needs_lse:
