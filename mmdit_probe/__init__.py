@@ -4,7 +4,8 @@ Record exact per-head joint attention (``AttentionRecorder``), split it into the
 query→key quadrants, and keep everything as a tidy, savable ``AttentionResult``.
 """
 
-from .layout import KEY_GROUPS, QUERY_GROUPS, TEXT_GROUPS, TextToken, TokenLayout, joint_order
+from .families import joint_order, prompt_layout
+from .layout import KEY_GROUPS, QUERY_GROUPS, TEXT_GROUPS, TextToken, TokenLayout
 from .maps import QUADRANTS, MapBudgetError, MapSelection
 from .named import Stat
 from .context import BRANCHES, CallContext, CallContextError
@@ -25,18 +26,18 @@ from .steps import Schedule, StepStudy, image_convergence, interpolate_at_sigmas
 __version__ = "0.1.0"
 
 def __getattr__(name):  # keep `import mmdit_probe` light: models pull in diffusers pipelines lazily
-    if name in ("shapes_pipeline", "shapes_prompt_examples"):
+    if name in ("shapes_pipeline", "shapes_prompt_examples", "default_pipeline", "default_run_kwargs"):
         from . import shapes
 
         return getattr(shapes, name)
-    if name in ("default_pipeline", "default_run_kwargs"):
-        from . import cli
-
-        return getattr(cli, name)
     if name in ("tiny_sd3_pipeline", "load_pipeline", "WeightsNotAvailableError"):
         from . import models
 
         return getattr(models, name)
+    if name == "tiny_flux_pipeline":
+        from .tiny_flux import tiny_flux_pipeline
+
+        return tiny_flux_pipeline
     if name == "plot":
         import importlib
 
@@ -47,7 +48,7 @@ __all__ = [
     "AttentionRecorder", "AttentionResult", "TokenLayout", "TextToken", "MapSelection", "MapBudgetError",
     "QUADRANTS", "KEY_GROUPS", "QUERY_GROUPS", "TEXT_GROUPS", "Stat", "ProbeController", "ProbeProcessor", "Site",
     "BRANCHES", "CallContext", "CallContextError", "AttentionCall", "Edit", "Statistic", "SelectionError",
-    "ResultsFileError", "joint_order",
+    "ResultsFileError", "joint_order", "prompt_layout",
     "describe", "Description", "DescriptionRow", "compare", "Comparison", "branch_view", "plot_difference",
     "lora_parameter_counts", "LoraCounts", "step_count_study", "StepStudy", "interpolate_at_sigmas",
     "plot_mass_vs_sigma", "image_convergence", "schedule", "Schedule", "layer_groups", "tiny_sd3_pipeline", "load_pipeline", "WeightsNotAvailableError",

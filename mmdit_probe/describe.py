@@ -5,22 +5,23 @@ and CLIP-G are joined and zero-padded to the T5 width, the joint text length), `
 shape, VAE scale factor, patch size, image tokens), ``transformer`` (blocks, heads × head dim,
 ``attn2``, qk-norm, ``context_pre_only``) and ``scheduler`` (class, shift, timesteps / sigmas).
 Shapes are per prompt (no batch dim). With a ``prompt`` the text shapes are *measured* by running
-the encoders and ``encode_prompt``; without one they are read from the configs.
+the encoders and ``encode_prompt``; without one they are read from the configs. The T5 length and the
+step count are those the model runs with: its shipped run kwargs (``pipe.shipped_run_kwargs``, the
+embedded default model's), else ``pipe(...)``'s defaults. ``mmdit-probe describe`` prints it.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from .families import resolve_family
 from .steps import schedule
 
-__all__ = ["DescriptionRow", "Description", "describe", "add_describe_arguments", "run_describe"]
+__all__ = ["DescriptionRow", "Description", "describe", "run_default"]
 
 SECTIONS = ("components", "text", "image", "transformer", "scheduler")
 COLUMNS = ("section", "item", "value", "source")
@@ -105,6 +106,17 @@ def call_default(pipe: Any, name: str) -> Any:
     return inspect.signature(type(pipe).__call__).parameters[name].default
 
 
+def run_default(pipe: Any, name: str, given: int | None = None) -> tuple[int, str]:
+    """``(value, source)`` of run keyword ``name``: ``given``, else the pipeline's shipped run kwargs
+    (``pipe.shipped_run_kwargs``, as ``default_run_kwargs(pipe)``), else the ``pipe(...)`` default."""
+    if given:
+        return int(given), "argument"
+    shipped = getattr(pipe, "shipped_run_kwargs", None) or {}
+    if name in shipped:
+        return int(shipped[name]), "the model's run kwargs (pipe.shipped_run_kwargs = default_run_kwargs(pipe))"
+    return int(call_default(pipe, name)), f"pipe(...) default of {name}"
+
+
 def _module_rows(name: str, module: Any) -> list[DescriptionRow]:
     if module is None:
         return [DescriptionRow("components", name, None, f"pipe.{name} is None (omitted)")]
@@ -153,7 +165,7 @@ def _measure_t5(pipe: Any, prompt: str, length: int) -> tuple[int, ...]:
     return tuple(pipe.text_encoder_3(ids.to(_encoder_device(pipe.text_encoder_3)))[0].shape[1:])
 
 
-def _text_rows(pipe: Any, prompt: str | None, max_sequence_length: int) -> list[DescriptionRow]:
+def _text_rows(pipe: Any, prompt: str | None, max_sequence_length: int, length_source: str) -> list[DescriptionRow]:
     tcfg = pipe.transformer.config
     n_clip = int(pipe.tokenizer_max_length)
     has_t5 = pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None
@@ -191,7 +203,7 @@ def _text_rows(pipe: Any, prompt: str | None, max_sequence_length: int) -> list[
         DescriptionRow("text", "CLIP joined width (L ⊕ G)", clip_width, "concatenated on channels: hidden L + hidden G"),
         DescriptionRow("text", "CLIP zero-padding", t5_width - clip_width,
                        f"zero channels appended to reach the T5 width {t5_width}"),
-        DescriptionRow("text", "T5 length (max_sequence_length)", max_sequence_length, "pipe(max_sequence_length=)"),
+        DescriptionRow("text", "T5 length (max_sequence_length)", max_sequence_length, length_source),
         DescriptionRow("text", "joint text length", clip_shapes[0][0][0] + t5[0],
                        "CLIP positions + T5 positions (concatenated on the sequence)"),
         DescriptionRow("text", "pooled (L ⊕ G)", (clip_shapes[0][1][-1] + clip_shapes[1][1][-1],),
@@ -265,7 +277,7 @@ def _transformer_rows(transformer: Any) -> list[DescriptionRow]:
     ]
 
 
-def _scheduler_rows(pipe: Any, steps: int, height: int, width: int) -> list[DescriptionRow]:
+def _scheduler_rows(pipe: Any, steps: int, steps_source: str, height: int, width: int) -> list[DescriptionRow]:
     sch = pipe.scheduler
     cfg = sch.config
     sched = schedule(pipe, steps, height=height, width=width)
@@ -275,7 +287,7 @@ def _scheduler_rows(pipe: Any, steps: int, height: int, width: int) -> list[Desc
         DescriptionRow("scheduler", "dynamic shifting", bool(cfg.get("use_dynamic_shifting", False)),
                        "scheduler.config.use_dynamic_shifting" + (f" (mu={sched.mu:.4g})" if sched.mu is not None else "")),
         DescriptionRow("scheduler", "num_train_timesteps", cfg.get("num_train_timesteps"), "scheduler.config"),
-        DescriptionRow("scheduler", "num_inference_steps", steps, "argument or pipe(...) default"),
+        DescriptionRow("scheduler", "num_inference_steps", steps, steps_source),
         DescriptionRow("scheduler", "timesteps", [round(t, 2) for t in sched.timesteps],
                        "set_timesteps on a deep copy of pipe.scheduler"),
         DescriptionRow("scheduler", "sigmas", [round(s, 4) for s in sched.sigmas],
@@ -293,85 +305,25 @@ def describe(
 ) -> Description:
     """Components, text path, image path, MMDiT and scheduler of ``pipe``, read from the objects.
 
-    ``prompt`` runs the text encoders to measure the text shapes. ``height``/``width``,
-    ``max_sequence_length`` and ``num_inference_steps`` default to ``pipe(...)``'s defaults.
+    ``prompt`` runs the text encoders to measure the text shapes. ``height``/``width`` default to
+    ``pipe(...)``'s; ``max_sequence_length`` and ``num_inference_steps`` to what the model runs with
+    (:func:`run_default`: its shipped run kwargs, else ``pipe(...)``'s defaults).
     The pipeline is not modified (the scheduler is deep-copied).
     """
+    family = resolve_family(pipe)
+    if family.name != "sd3":
+        raise NotImplementedError(
+            f"describe() reads SD3 / SD3.5 pipelines; {type(pipe).__name__} ({family.name}) is recorded and ablated "
+            f"like SD3, but its anatomy table is not written yet. Use mp.prompt_layout(pipe, prompt).describe() for "
+            f"its token layout"
+        )
     f = pipe.vae_scale_factor
     height = int(height or pipe.default_sample_size * f)
     width = int(width or pipe.default_sample_size * f)
-    max_sequence_length = int(max_sequence_length or call_default(pipe, "max_sequence_length"))
-    steps = int(num_inference_steps or call_default(pipe, "num_inference_steps"))
-    text = _text_rows(pipe, prompt, max_sequence_length)
+    length, length_source = run_default(pipe, "max_sequence_length", max_sequence_length)
+    steps, steps_source = run_default(pipe, "num_inference_steps", num_inference_steps)
+    text = _text_rows(pipe, prompt, length, length_source)
     n_text = next(r.value for r in text if r.item == "joint text length")
     rows = _component_rows(pipe) + text + _image_rows(pipe, height, width, n_text)
-    rows += _transformer_rows(pipe.transformer) + _scheduler_rows(pipe, steps, height, width)
+    rows += _transformer_rows(pipe.transformer) + _scheduler_rows(pipe, steps, steps_source, height, width)
     return Description(tuple(rows))
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
-def add_describe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``mmdit-probe describe``."""
-    parser.add_argument("model", nargs="?", default=None,
-                        help="hub id, local diffusers folder or tiny name (default: the embedded default model)")
-    parser.add_argument("--prompt", default=None, help="run the text encoders on this prompt and report measured shapes")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 length (pipeline default 256)")
-    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps for the scheduler rows")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--format", default="text", choices=["text", "csv", "json"])
-    parser.add_argument("--no-sources", action="store_true", help="text format: hide the source column")
-    parser.add_argument("-o", "--output", default=None, help="write here instead of stdout")
-    return parser
-
-
-def _default_pipeline(dtype: torch.dtype | None, device: str | None) -> Any:
-    try:
-        from .cli import default_pipeline  # the trained shapes model, once the CLI provides it
-    except (ImportError, AttributeError):
-        from .models import tiny_sd3_pipeline
-
-        kw = {"torch_dtype": dtype} if dtype is not None else {}
-        return tiny_sd3_pipeline(**kw).to(device or "cpu")
-    pipe = default_pipeline()
-    if dtype is not None or device is not None:
-        pipe = pipe.to(device=device, dtype=dtype)
-    return pipe
-
-
-def run_describe(args: argparse.Namespace) -> int:
-    """Run ``mmdit-probe describe``: 0 on success, 2 when the weights are not available."""
-    from .models import WeightsNotAvailableError, load_pipeline
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    try:
-        pipe = (_default_pipeline(dtype, args.device) if args.model in (None, "default")
-                else load_pipeline(args.model, torch_dtype=dtype, device=args.device))
-    except WeightsNotAvailableError as err:
-        print(f"mmdit-probe describe: {err}", file=sys.stderr)
-        return 2
-    desc = describe(pipe, args.prompt, args.height, args.width, args.max_sequence_length, args.steps)
-    if args.format == "text":
-        out = desc.to_text(sources=not args.no_sources) + "\n"
-    else:
-        table = desc.table.assign(value=desc.table["value"].map(format_value))
-        out = table.to_csv(index=False) if args.format == "csv" else table.to_json(orient="records", indent=1) + "\n"
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(out)
-    else:
-        sys.stdout.write(out)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m mmdit_probe.describe``)."""
-    return run_describe(add_describe_arguments(argparse.ArgumentParser(prog="mmdit-probe describe")).parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """TokenLayout: what every position of the MMDiT joint sequence is.
 
-The joint sequence of an SD3 block is ``[image tokens ; text tokens]`` (the order comes from
-:func:`joint_order`, never from a literal elsewhere). Text tokens are ``77`` CLIP positions
+The joint sequence of an SD3 block is ``[image tokens ; text tokens]``, of a Flux block ``[text ;
+image]`` (each family's adapter says; :func:`mmdit_probe.joint_order`). Text tokens are ``77`` CLIP positions
 (CLIP-L and CLIP-G share positions: their embeddings are joined on channels) followed by
 ``max_sequence_length`` T5 positions. Each text position has an encoder (``clip``/``t5``), a kind
 (``real``/``special``/``padding``) and, for real tokens, the prompt word it belongs to.
@@ -23,18 +23,6 @@ TEXT_GROUPS = tuple(f"{e}_{k}" for e in ENCODERS for k in KINDS)
 KEY_GROUPS = ("image",) + TEXT_GROUPS
 QUERY_GROUPS = ("image", "text")
 CLIP_LENGTH = 77
-
-
-def joint_order(model: Any = None) -> tuple[str, str]:
-    """Order of the two streams in the joint attention sequence of ``model``.
-
-    diffusers' ``JointAttnProcessor2_0`` (SD3 / SD3.5) concatenates ``[image, text]``;
-    Flux concatenates ``[text, image]``.
-    """
-    name = type(model).__name__ if model is not None else "SD3Transformer2DModel"
-    if "Flux" in name:
-        return ("text", "image")
-    return ("image", "text")
 
 
 def normalise_word(word: str) -> str:
@@ -170,6 +158,13 @@ class TokenLayout:
         return cls(tuple(int(x) for x in image_grid), tuple(tokens), tuple(order), prompt, t5_ids is not None)
 
     @classmethod
+    def from_t5_ids(cls, image_grid: tuple[int, int], t5_ids: Sequence[int], t5_tokenizer: Any, *,
+                    order: tuple[str, str] = ("text", "image"), prompt: str | None = None) -> "TokenLayout":
+        """Text = T5 tokens only (Flux: CLIP is pooled only and has no positions in the sequence)."""
+        return cls(tuple(int(x) for x in image_grid), tuple(_t5_tokens(list(t5_ids), t5_tokenizer, offset=0)),
+                   tuple(order), prompt, True)
+
+    @classmethod
     def from_prompt(
         cls,
         pipe: Any,
@@ -179,7 +174,13 @@ class TokenLayout:
         width: int | None = None,
         max_sequence_length: int = 256,
     ) -> "TokenLayout":
-        """Layout for ``pipe(prompt, height=, width=, max_sequence_length=)`` using its tokenizers."""
+        """SD3 layout for ``pipe(prompt, height=, width=, max_sequence_length=)`` using its tokenizers.
+
+        For any supported family (Flux too) use :func:`mmdit_probe.prompt_layout`.
+        """
+        if not hasattr(pipe, "text_encoder_3"):
+            raise TypeError(f"TokenLayout.from_prompt builds SD3 layouts (77 CLIP + T5 positions); for a "
+                            f"{type(pipe).__name__} use mmdit_probe.prompt_layout(pipe, prompt, ...)")
         tr = pipe.transformer
         vae_scale = getattr(pipe, "vae_scale_factor", 8)
         default = getattr(pipe, "default_sample_size", tr.config.sample_size) * vae_scale
@@ -194,7 +195,7 @@ class TokenLayout:
             ).input_ids
         return cls.from_ids(
             grid, clip, pipe.tokenizer, t5_ids, getattr(pipe, "tokenizer_3", None),
-            t5_length=max_sequence_length, order=joint_order(tr), prompt=prompt,
+            t5_length=max_sequence_length, order=("image", "text"), prompt=prompt,
         )
 
     def describe(self) -> str:

@@ -8,25 +8,44 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging as _hf_logging
 
-_verbosity = _hf_logging.get_verbosity()
-_hf_logging.set_verbosity_error()  # the pipeline import warns about torchvision-less image processors we never use
-try:
+
+class _NoTorchvisionFallbackNote(logging.Filter):
+    """Drops transformers' "`XImageProcessor` requires torchvision (not installed); falling back to
+    `XImageProcessorPil`" note: SD3 pipelines import CLIP/SigLIP image processors they never use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_image_processor_fallback() -> Iterator[None]:
+    """Filter only that note, only on the logger that emits it, only while the pipelines are imported."""
+    log = logging.getLogger("transformers.utils.import_utils")
+    note = _NoTorchvisionFallbackNote()
+    log.addFilter(note)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
+
+
+with _quiet_image_processor_fallback():  # the pipeline module imports transformers' image processors
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
+        DiffusionPipeline,
         StableDiffusion3Pipeline,
     )
-finally:
-    _hf_logging.set_verbosity(_verbosity)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from .tokenizers import DEFAULT_VOCAB, make_clip_tokenizer, make_t5_tokenizer, normalize_words
@@ -35,6 +54,7 @@ __all__ = [
     "VARIANTS",
     "TINY_NAMES",
     "WeightsNotAvailableError",
+    "how_to_get",
     "tiny_sd3_pipeline",
     "load_pipeline",
 ]
@@ -53,7 +73,15 @@ T5_MAX_LENGTH = 512
 
 
 class WeightsNotAvailableError(RuntimeError):
-    """The requested pipeline weights are not on this machine (offline, not cached, gated, bad path)."""
+    """The requested pipeline weights are not on this machine (offline, not cached, gated, bad path).
+
+    ``problem`` says what is missing and why; ``str(err)`` adds :func:`how_to_get` instructions phrased
+    for Python. ``model`` is the hub id (None for a local path), for re-phrasing them (e.g. for a CLI flag).
+    """
+
+    def __init__(self, problem: str, model: str | None = None):
+        super().__init__(f"{problem}\n{how_to_get(model)}")
+        self.problem, self.model = problem, model
 
 
 def _seed_component(seed: int, index: int) -> None:
@@ -67,38 +95,21 @@ def _tiny_transformer(
 ) -> SD3Transformer2DModel:
     sd35 = variant == "sd35"
     return SD3Transformer2DModel(
-        sample_size=sample_size,
-        patch_size=patch_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        num_layers=num_layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=num_heads,
-        joint_attention_dim=JOINT_ATTENTION_DIM,
-        caption_projection_dim=num_heads * head_dim,
-        pooled_projection_dim=POOLED_PROJECTION_DIM,
-        pos_embed_max_size=pos_embed_max_size,
-        dual_attention_layers=tuple(range(num_layers // 2)) if sd35 else (),
-        qk_norm="rms_norm" if sd35 else None,
+        sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, out_channels=in_channels,
+        num_layers=num_layers, attention_head_dim=head_dim, num_attention_heads=num_heads,
+        joint_attention_dim=JOINT_ATTENTION_DIM, caption_projection_dim=num_heads * head_dim,
+        pooled_projection_dim=POOLED_PROJECTION_DIM, pos_embed_max_size=pos_embed_max_size,
+        dual_attention_layers=tuple(range(num_layers // 2)) if sd35 else (), qk_norm="rms_norm" if sd35 else None,
     )
 
 
 def _tiny_vae(latent_channels: int) -> AutoencoderKL:
     n = len(VAE_BLOCK_OUT_CHANNELS)
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=VAE_BLOCK_OUT_CHANNELS,
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=SD3_VAE_SCALE,
-        shift_factor=SD3_VAE_SHIFT,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=VAE_BLOCK_OUT_CHANNELS, layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=4, sample_size=32, scaling_factor=SD3_VAE_SCALE,
+        shift_factor=SD3_VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False,
     )
 
 
@@ -106,16 +117,9 @@ def _tiny_clip(
     vocab_size: int, bos_id: int, eos_id: int, pad_id: int, hidden: int, proj: int
 ) -> CLIPTextModelWithProjection:
     config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        projection_dim=proj,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        hidden_act="gelu",
-        attention_dropout=0.0,
-        bos_token_id=bos_id,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=proj,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="gelu",
+        attention_dropout=0.0, bos_token_id=bos_id,
         eos_token_id=eos_id,  # pooled output is taken at the first eos
         pad_token_id=pad_id,
     )
@@ -124,20 +128,9 @@ def _tiny_clip(
 
 def _tiny_t5(vocab_size: int, d_model: int) -> T5EncoderModel:
     config = T5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=2 * d_model,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=0,
-        eos_token_id=1,
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
     )
     return T5EncoderModel(config)
 
@@ -209,26 +202,17 @@ def tiny_sd3_pipeline(
         encoders = []
         for index, tok in ((2, tokenizer), (3, tokenizer_2)):
             _seed_component(seed, index)
-            encoders.append(
-                _tiny_clip(
-                    len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, clip_hidden, pooled_dim // 2
-                )
-            )
+            encoders.append(_tiny_clip(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+                                       clip_hidden, pooled_dim // 2))
         text_encoder_3 = None
         if with_t5:
             _seed_component(seed, 4)
             text_encoder_3 = _tiny_t5(len(tokenizer_3), joint_dim)
 
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae,
-        text_encoder=encoders[0],
-        tokenizer=tokenizer,
-        text_encoder_2=encoders[1],
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -242,20 +226,25 @@ def tiny_sd3_pipeline(
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _how_to_get(model: str | None) -> str:
-    """Instructions for getting weights of hub id ``model`` (``None``: generic, for local paths)."""
+def how_to_get(model: str | None, flag: str | None = None) -> str:
+    """How to get the weights of hub id ``model`` (None: generic, for local paths), phrased for Python,
+    or for a command line whose option ``flag`` (e.g. ``"--model"``) takes the model."""
     repo = model or "<repo-id>"
     target = f"./{model.rstrip('/').split('/')[-1]}" if model else "./<dir>"
+    folder = f"/path/to/{target[2:]}"
+    pass_it = f"{flag} {folder}" if flag else f"load_pipeline('{folder}')"
+    no_weights = (f"{flag} tiny or {flag} tiny-sd35 (random tiny SD3 / SD3.5), or {flag} default (the embedded "
+                  "trained shapes model)" if flag else
+                  "mmdit_probe.tiny_sd3_pipeline() (or load_pipeline('tiny-sd3') / load_pipeline('tiny-sd35'))")
     return (
         "To get the weights:\n"
         f"  1. on a machine with internet (for stabilityai models: after accepting the licence on "
         f"https://huggingface.co/{repo} and `hf auth login`), run\n"
         f"       huggingface-cli download {repo} --local-dir {target}\n"
         f"     (newer huggingface_hub: `hf download {repo} --local-dir {target}`);\n"
-        f"  2. copy that folder to this machine and pass its path: load_pipeline('/path/to/{target[2:]}');\n"
+        f"  2. copy that folder to this machine and pass its path: {pass_it};\n"
         "  or set HF_HOME / HF_HUB_CACHE to a Hugging Face cache that already contains the model.\n"
-        "For offline experiments without any weights use mmdit_probe.tiny_sd3_pipeline() "
-        "(or load_pipeline('tiny-sd3') / load_pipeline('tiny-sd35'))."
+        f"For offline experiments without any weights use {no_weights}."
     )
 
 
@@ -279,9 +268,7 @@ def _looks_like_path(model: str) -> bool:
 
 def _check_local_folder(path: Path) -> None:
     if not path.exists():
-        raise WeightsNotAvailableError(
-            f"Local model path {str(path)!r} does not exist.\n" + _how_to_get(None)
-        )
+        raise WeightsNotAvailableError(f"Local model path {str(path)!r} does not exist.")
     if path.is_file() or not (path / "model_index.json").is_file():
         hint = ""
         if path.is_file() and path.suffix in {".safetensors", ".ckpt", ".pt", ".bin"}:
@@ -291,9 +278,8 @@ def _check_local_folder(path: Path) -> None:
             names = sorted(p.name for p in path.iterdir())[:12]
             hint = f" It contains: {names}."
         raise WeightsNotAvailableError(
-            f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json).{hint}\n"
-            "Pass the folder created by `huggingface-cli download <repo> --local-dir <dir>` or by "
-            "pipe.save_pretrained(<dir>)."
+            f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json).{hint} Pass the folder "
+            "created by `huggingface-cli download <repo> --local-dir <dir>` or by pipe.save_pretrained(<dir>)."
         )
 
 
@@ -305,12 +291,13 @@ def load_pipeline(
     variant: str | None = None,
     local_files_only: bool | None = None,
     **kwargs: Any,
-) -> StableDiffusion3Pipeline:
-    """Load an SD3/SD3.5 pipeline from a hub id, a local diffusers folder, or a tiny name.
+) -> Any:
+    """Load an SD3 / SD3.5 / Flux.1 pipeline from a hub id, a local diffusers folder, or a tiny name.
 
     ``"tiny"``/``"tiny-sd3"``/``"tiny-sd35"`` return :func:`tiny_sd3_pipeline` (``kwargs`` go to it;
     for ``"tiny"``, ``variant`` may pick ``"sd3"``/``"sd35"``). Otherwise ``variant`` is the diffusers
-    weight variant (e.g. ``"fp16"``) and ``kwargs`` go to ``StableDiffusion3Pipeline.from_pretrained``.
+    weight variant (e.g. ``"fp16"``) and ``kwargs`` go to ``DiffusionPipeline.from_pretrained`` (the
+    folder's ``model_index.json`` names the pipeline class).
     ``local_files_only=None`` means "only if HF_HUB_OFFLINE/DIFFUSERS_OFFLINE is set".
     Raises :class:`WeightsNotAvailableError` (chained to the original error) when the weights
     cannot be found or fetched.
@@ -351,11 +338,11 @@ def load_pipeline(
     )
     load_kwargs = dict(kwargs)
     if torch_dtype is not None:
-        load_kwargs["torch_dtype"] = torch_dtype
+        load_kwargs["dtype"] = torch_dtype  # diffusers >= 0.42 deprecates from_pretrained(torch_dtype=)
     if variant is not None:
         load_kwargs["variant"] = variant
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(name, local_files_only=local_files_only, **load_kwargs)
+        pipe = DiffusionPipeline.from_pretrained(name, local_files_only=local_files_only, **load_kwargs)
     except not_available as err:
         if isinstance(err, GatedRepoError):
             why = "the repository is gated and this machine has no access (accept the licence and log in)"
@@ -367,9 +354,8 @@ def load_pipeline(
             why = "offline mode is on (HF_HUB_OFFLINE / local_files_only) and the model is not in the local cache"
         else:
             why = f"it could not be downloaded or found in the cache ({type(err).__name__}: {err})"
-        raise WeightsNotAvailableError(
-            f"Weights for {name!r} are not available: {why}.\n" + _how_to_get(None if is_local else name)
-        ) from err
+        raise WeightsNotAvailableError(f"Weights for {name!r} are not available: {why}.",
+                                       None if is_local else name) from err
     if device is not None:
         pipe = pipe.to(device)
     return pipe

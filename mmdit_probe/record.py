@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .context import CallContext
-from .hooks import AttentionCall, Handle, ProbeController, resolve_transformer
+from .hooks import AttentionCall, Handle, ProbeController, model_blocks, resolve_transformer
 from .kernels import probabilities
 from .layout import TokenLayout
 from .maps import MapBudgetError, MapSelection, format_bytes
@@ -64,7 +64,7 @@ class AttentionRecorder:
     ):
         self.model = model
         tr = resolve_transformer(model)  # validates the model class now
-        n_layers = len(tr.transformer_blocks)
+        n_layers = len(model_blocks(tr))
         self.heads = tr.config.num_attention_heads
         self.layers = tuple(range(n_layers)) if layers is None else as_indices(
             layers, "layers", owner="AttentionRecorder", n=n_layers)

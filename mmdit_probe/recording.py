@@ -95,6 +95,7 @@ def assemble(rec: Recording | None, layers: Sequence[int]) -> AttentionResult:
     timesteps = tuple(float(t) for t in rec.timesteps)
     aux: dict[str, tuple[str, tuple]] = {"timestep": ("step", timesteps), "branch": ("batch", tuple(rec.row_branch)),
                                          "prompt": ("batch", tuple(rec.row_prompt))}
+    aux["block_kind"] = ("layer", tuple(ctl.family.block_kinds(ctl.transformer)))
     if len(set(rec.runs)) > 1:
         aux["run"] = ("step", tuple(rec.runs))
     base = {"step": tuple(range(n_steps)), "layer": tuple(range(n_layers)), "batch": tuple(range(n_rows)),
@@ -118,7 +119,7 @@ def assemble(rec: Recording | None, layers: Sequence[int]) -> AttentionResult:
         stats[s.name] = Stat(t.cpu(), dims, {d: tuple(c) for d, c in coords.items() if d in dims}, aux)
     cfg = ctl.transformer.config
     meta = {
-        "model": type(ctl.transformer).__name__,
+        "model": type(ctl.transformer).__name__, "family": ctl.family.name,
         "num_layers": n_layers, "heads": heads, "head_dim": cfg.attention_head_dim,
         "qk_norm": cfg.get("qk_norm") if hasattr(cfg, "get") else getattr(cfg, "qk_norm", None),
         "dual_attention_layers": [s.layer for s in ctl.sites if s.attention == "attn2"],

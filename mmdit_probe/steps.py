@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from .families import model_blocks
 from .record import AttentionRecorder
 
 __all__ = [
@@ -103,7 +104,7 @@ def step_count_study(
     import pandas as pd
 
 
-    n_layers = len(pipe.transformer.transformer_blocks)
+    n_layers = len(model_blocks(pipe))
     gmap = layer_groups(n_layers, groups)
     call_kwargs.setdefault("output_type", "pt")
     frames, results, images, schedules = [], {}, {}, {}

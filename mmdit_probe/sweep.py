@@ -21,7 +21,7 @@ from .ablate import AblateHeads, KnockOut, SkipLayers, Spec, ZeroText, check_spe
 from .effect import compare, resolve_metrics, run_pipeline
 from .io import atomic_write
 from .maps import QUADRANTS
-from .hooks import resolve_transformer
+from .hooks import model_blocks, resolve_transformer
 
 COLUMNS = ["prompt", "seed", "spec", "spec_index", "metric", "step", "value"]
 
@@ -109,7 +109,7 @@ def sweep(pipe: Any, prompts: str | Sequence[str], specs: Sequence[Spec | Sequen
 
 # ---- ready-made spec lists --------------------------------------------------------------
 def _n_layers(model: Any) -> int:
-    return len(resolve_transformer(model).transformer_blocks)
+    return len(model_blocks(model))
 
 
 def skip_each_layer(model: Any, mode: str = "block") -> list[SkipLayers]:
@@ -130,5 +130,5 @@ def knock_out_each_quadrant(model: Any, quadrants: Sequence[str] = QUADRANTS) ->
 def ablate_each_head(model: Any, layers: Iterable[int] | None = None) -> list[AblateHeads]:
     """``AblateHeads(layers=[i], heads=[h])`` (zero) for every head of every (selected) block."""
     tr = resolve_transformer(model)
-    layers = range(len(tr.transformer_blocks)) if layers is None else layers
+    layers = range(len(model_blocks(tr))) if layers is None else layers
     return [AblateHeads(layers=[i], heads=[h]) for i in layers for h in range(tr.config.num_attention_heads)]

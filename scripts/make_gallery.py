@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import mmdit_probe as mp  # noqa: E402
 from mmdit_probe import plot  # noqa: E402
-from mmdit_probe.cli import default_pipeline, default_run_kwargs  # noqa: E402
+from mmdit_probe.shapes import default_pipeline, default_run_kwargs  # noqa: E402
 
 PROMPT = "a red circle left of a blue square"
 MAX_BYTES = 200_000

@@ -1,6 +1,11 @@
-"""`mmdit-probe` in-process: demo, record/show/plot round trip, errors without tracebacks, extra subcommands."""
+"""`mmdit-probe` in-process: demo, record/show/plot round trip, errors without tracebacks, extra subcommands,
+complete help, no warnings."""
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
 
 import matplotlib
 
@@ -11,6 +16,8 @@ import pytest
 
 import mmdit_probe as mp
 from mmdit_probe import cli
+from mmdit_probe.cli.shapes import DELEGATED
+from mmdit_probe.shapes import default_pipeline, default_run_kwargs
 
 
 @pytest.fixture(autouse=True)
@@ -111,10 +118,10 @@ def test_register_extra_subcommand(capsys):
 
 
 def test_default_pipeline_offline():
-    pipe = cli.default_pipeline()
-    kw = cli.default_run_kwargs(pipe)
+    pipe = default_pipeline()
+    kw = default_run_kwargs(pipe)
     assert set(kw) == {"num_inference_steps", "guidance_scale", "max_sequence_length"}
-    assert hasattr(pipe, "transformer")
+    assert hasattr(pipe, "transformer") and kw == pipe.shipped_run_kwargs
 
 
 def test_sweep_writes_table_and_figures_and_resumes(tmp_path, capsys):
@@ -134,3 +141,92 @@ def test_sweep_writes_table_and_figures_and_resumes(tmp_path, capsys):
     again = pd.read_csv(out / "sweep.csv")
     assert len(again) == len(df) and sorted(again.spec_index.unique()) == [0, 1, 2, 3]
     assert cli.main(argv + ["--metric", "velocity_mse"]) == 2 and "unknown --metric" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- help and messages
+
+OPTION_COMMANDS = DESCRIPTION_COMMANDS = list(cli.SUBCOMMANDS)
+
+
+def _help(capsys, name: str) -> str:
+    capsys.readouterr()
+    assert cli.main([name, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def _option_helps(text: str) -> dict[str, str]:
+    """``{"--steps STEPS": "denoising steps ..."}`` for every argument listed in argparse's help output."""
+    out: dict[str, str] = {}
+    entries = text.split("\n\n", 1)[-1]  # after the usage block
+    key = None
+    for line in entries.splitlines():
+        head = re.match(r"^  (\S.*?)(?:\s{2,}(\S.*))?$", line)
+        if head and not line.startswith("   "):
+            key = head.group(1)
+            out[key] = head.group(2) or ""
+        elif key is not None and line.startswith(" " * 6) and line.strip():
+            out[key] = (out[key] + " " + line.strip()).strip()
+        elif not line.startswith(" "):
+            key = None
+    return out
+
+
+@pytest.mark.parametrize("name", OPTION_COMMANDS)
+def test_every_option_has_help_and_one_default(name, capsys):
+    text = _help(capsys, name)
+    helps = {k: v for k, v in _option_helps(text).items() if not k.startswith("-h, --help")}
+    assert helps, text
+    missing = [k for k, v in helps.items() if not v]
+    assert not missing, f"{name}: options without help text: {missing}"
+    for option, help_ in helps.items():
+        defaults = re.findall(r"\(default\b|\bdefault:", help_)
+        assert len(defaults) <= 1, f"{name} {option}: default stated twice: {help_!r}"
+        assert "(default: None)" not in help_ and "(default: False)" not in help_, (option, help_)
+
+
+@pytest.mark.parametrize("name", DESCRIPTION_COMMANDS)
+def test_description_is_complete_sentences(name, capsys):
+    text = _help(capsys, name)
+    description = " ".join(text.split("\n\n")[1].split())
+    assert not description.startswith(("options:", "positional arguments:")), text
+    assert description.endswith((".", "?", "!", ")")), f"{name}: description stops mid-sentence: {description!r}"
+
+
+def test_import_and_help_emit_no_warnings():
+    """Warnings are errors and nothing may reach stderr (transformers' torchvision notes are log records)."""
+    script = ("import contextlib, io\nimport mmdit_probe\nfrom mmdit_probe import cli\n"
+              "for name in [None, *cli.SUBCOMMANDS]:\n"
+              "    with contextlib.redirect_stdout(io.StringIO()):\n"
+              "        assert cli.main(([name] if name else []) + ['--help']) == 0, name\n")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_loading_a_folder_with_dtype_is_quiet(tmp_path):
+    """No torch_dtype deprecation and no torchvision note when a command loads real weights (--model DIR --dtype)."""
+    mp.tiny_sd3_pipeline().save_pretrained(tmp_path / "tiny")
+    done = subprocess.run([sys.executable, "-W", "always", "-m", "mmdit_probe", "describe", "--model",
+                           str(tmp_path / "tiny"), "--dtype", "bfloat16", "--format", "csv"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for noise in ("Warning", "deprecated", "torchvision"):
+        assert noise not in done.stderr, done.stderr
+    assert "T5 length" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["record", "x", "--model", "stabilityai/stable-diffusion-3.5-medium"],
+    ["describe", "stabilityai/stable-diffusion-3.5-medium"],
+    ["describe", "--model", "./no/such/model"],
+])
+def test_missing_weights_error_names_the_cli_flag(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--model /path/to/" in err and "--model tiny" in err, err
+    assert "load_pipeline(" not in err and "tiny_sd3_pipeline" not in err and "Traceback" not in err, err
+
+
+def test_describe_two_models_is_an_error(capsys):
+    assert cli.main(["describe", "tiny", "--model", "tiny-sd35"]) == 2
+    assert "give one" in capsys.readouterr().err

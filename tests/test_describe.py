@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import io
+import re
 
 import pandas as pd
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-from mmdit_probe.describe import Description, add_describe_arguments, describe, format_value, run_describe
+from mmdit_probe import AttentionRecorder, cli
+from mmdit_probe.describe import Description, describe, format_value
 from mmdit_probe.models import _tiny_clip, tiny_sd3_pipeline
+from mmdit_probe.shapes import default_pipeline, default_run_kwargs
 
 PROMPT = "a red circle left of a blue square"
 H, W, T5_LEN = 32, 48, 16
@@ -149,14 +150,41 @@ def test_table_and_text_rendering(pipe):
         assert r.item in text and format_value(r.value) in text
 
 
-def test_cli_functions(tmp_path, capsys):
-    parser = add_describe_arguments(argparse.ArgumentParser())
+def test_default_model_reports_what_a_recorded_run_uses():
+    """T5 length, text tokens and steps of describe(default model) = those of a real run with its run kwargs."""
+    pipe = default_pipeline()
+    run = default_run_kwargs(pipe)
+    d = describe(pipe)
+    with AttentionRecorder(pipe) as rec:
+        pipe(PROMPT, generator=torch.manual_seed(0), output_type="latent", **run)
+    res = rec.result
+    layout = next(lay for lay in res.layouts if lay is not None)
+    assert d.value("text", "T5 length (max_sequence_length)") == run["max_sequence_length"] == len(layout.tokens("t5"))
+    assert d.value("text", "joint text length") == layout.n_text == res.meta["n_text"]
+    assert d.value("scheduler", "num_inference_steps") == run["num_inference_steps"] == len(res.timesteps)
+    assert d.value("scheduler", "timesteps") == pytest.approx([float(t) for t in res.timesteps], abs=0.01)
+    assert "run kwargs" in d.table.set_index("item").loc["num_inference_steps", "source"]
+
+
+def test_explicit_arguments_override_the_run_kwargs():
+    pipe = default_pipeline()
+    d = describe(pipe, max_sequence_length=T5_LEN, num_inference_steps=3)
+    assert d.value("text", "T5 length (max_sequence_length)") == T5_LEN
+    assert d.value("scheduler", "num_inference_steps") == 3 == len(d.value("scheduler", "timesteps"))
+    plain = tiny_sd3_pipeline("sd3")  # no shipped run kwargs: pipe(...)'s own defaults
+    assert describe(plain).value("scheduler", "num_inference_steps") == 28
+
+
+def test_cli(tmp_path, capsys):
     out = tmp_path / "d.csv"
-    args = parser.parse_args(["tiny-sd35", "--prompt", PROMPT, "--max-sequence-length", "16", "--format", "csv",
-                              "-o", str(out)])
-    assert run_describe(args) == 0
+    argv = ["describe", "tiny-sd35", "--prompt", PROMPT, "--max-sequence-length", "16", "--format", "csv", "-o", str(out)]
+    assert cli.main(argv) == 0
     table = pd.read_csv(out)
     expected = describe(tiny_sd3_pipeline("sd35"), PROMPT, max_sequence_length=16).table
     assert list(table["item"]) == list(expected["item"])
-    assert run_describe(parser.parse_args([str(tmp_path / "missing-model-dir")])) == 2
-    assert "not" in capsys.readouterr().err
+    assert cli.main(["describe", str(tmp_path / "missing-model-dir")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["describe", "tiny", "--no-sources"]) == 0
+    text = capsys.readouterr().out
+    # the run kwargs `mmdit-probe record --model tiny` uses, not pipe(...)'s 256 / 28
+    assert re.search(r"T5 length \(max_sequence_length\)\s+16\n", text) and re.search(r"num_inference_steps\s+8\n", text)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mmdit_probe as mp
-from mmdit_probe.layout import CLIP_LENGTH, joint_order
+from mmdit_probe import joint_order
+from mmdit_probe.layout import CLIP_LENGTH
 
 PROMPTS = [
     "a red circle left of a blue square",
@@ -94,10 +95,14 @@ def test_captured_layouts_match_prompt_layouts(pipe):
 
 
 def test_flux_order_and_errors(pipe):
-    class FluxTransformer2DModel:  # name-based: Flux puts text first
+    assert joint_order(mp.tiny_flux_pipeline()) == ("text", "image")  # from the family adapter
+    assert joint_order(pipe.transformer) == ("image", "text")
+
+    class FluxTransformer2DModel:  # a class name alone is not a model
         pass
 
-    assert joint_order(FluxTransformer2DModel()) == ("text", "image")
+    with pytest.raises(TypeError, match="not supported yet"):
+        joint_order(FluxTransformer2DModel())
     lay = mp.TokenLayout.from_prompt(pipe, PROMPTS[0], max_sequence_length=8)
     with pytest.raises(KeyError, match="words present: a, red, circle"):
         lay.word_positions("zebra")

@@ -106,7 +106,7 @@ def test_dataframe_contract(pipe):
         pipe(PROMPT, guidance_scale=5.0, generator=torch.manual_seed(0), **KW)
     res = rec.result
     df = res.to_dataframe()
-    assert list(df.columns) == ["step", "timestep", "layer", "attention", "batch", "branch", "prompt", "head", "query", "key", "mass"]
+    assert list(df.columns) == ["step", "timestep", "layer", "block_kind", "attention", "batch", "branch", "prompt", "head", "query", "key", "mass"]
     n_heads = pipe.transformer.config.num_attention_heads
     n_layers = len(pipe.transformer.transformer_blocks)
     n_attn2 = sum(b.attn2 is not None for b in pipe.transformer.transformer_blocks)
@@ -123,7 +123,7 @@ def test_dataframe_contract(pipe):
 
 # ---- bad input --------------------------------------------------------------------------
 def test_wrong_model_class():
-    with pytest.raises(TypeError, match="StableDiffusion3Pipeline or an SD3Transformer2DModel"):
+    with pytest.raises(TypeError, match="SD3Transformer2DModel.*FluxTransformer2DModel.*not supported yet"):
         mp.AttentionRecorder(torch.nn.Linear(2, 2))
 
 

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..context import CallContext
-from ..hooks import Edit, ProbeSession, resolve_transformer
+from ..hooks import Edit, ProbeSession, model_blocks, resolve_transformer
 from ..selection import SelectionError, as_indices, fmt_ints
 from .rows import AblationError
 
@@ -41,7 +41,7 @@ class ActivationCache:
                  to: str | torch.device | None = None, name: str | None = None):
         self.model = model
         tr = resolve_transformer(model)
-        n = len(tr.transformer_blocks)
+        n = len(model_blocks(tr))
         self.layers = _layers(layers, n, "record_activations")
         unknown = [s for s in streams if s not in PATCH_STREAMS]
         if unknown or not streams:
@@ -103,7 +103,7 @@ class ActivationCache:
             if "pooled" in self.streams:
                 self._hooks.append(tr.register_forward_pre_hook(self._pooled_hook, with_kwargs=True))
             for l in self.layers:
-                block = tr.transformer_blocks[l]
+                block = model_blocks(tr)[l]
                 if {"image", "text"} & set(self.streams):
                     self._hooks.append(block.register_forward_hook(self._block_hook(l)))
                 if "attention" in self.streams:
@@ -191,7 +191,7 @@ class HeadMeans:
         self.model = model
         self.branches = branches
         tr = resolve_transformer(model)
-        n = len(tr.transformer_blocks)
+        n = len(model_blocks(tr))
         self.layers = _layers(layers, n, "record_head_means")
         self.sums: dict[tuple[int, int, str, str], torch.Tensor] = {}
         self.counts: dict[tuple[int, int, str, str], int] = {}

@@ -19,7 +19,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..context import CallContext
-from ..hooks import Edit, ProbeSession, resolve_transformer
+from ..families import family_of
+from ..hooks import Edit, ProbeSession, model_blocks, resolve_transformer
 from ..kernels import attention_with_lse
 from ..layout import TokenLayout
 from .conflicts import check_conflicts
@@ -39,6 +40,7 @@ class Intervention:
         self.model = model
         self.transformer = resolve_transformer(model)
         flat = _flatten(specs)
+        self._blocks = model_blocks(self.transformer)
         self.specs = tuple(s for s in flat if isinstance(s, Spec))
         self.edits = tuple(s for s in flat if isinstance(s, Edit))
         self.layout, self.branches = layout, branches
@@ -95,11 +97,11 @@ class Intervention:
     def _install(self, spec: Spec) -> None:
         tr = self.transformer
         if isinstance(spec, SkipLayers):
-            if spec.mode == "block" and spec.branch is None:
+            if spec.mode == "block" and spec.branch is None and family_of(tr).skip_argument:
                 self._hooks.append(tr.register_forward_pre_hook(self._skip_hook(spec), with_kwargs=True))
             elif spec.mode in ("block", "image"):
                 for l in spec.layers:
-                    self._hooks.append(tr.transformer_blocks[l].register_forward_hook(self._passthrough_hook(spec), with_kwargs=True))
+                    self._hooks.append(self._blocks[l].register_forward_hook(self._passthrough_hook(spec), with_kwargs=True))
             else:
                 self._add_edits(spec, _ZeroAttentionEdit, attentions=("attn", "attn2"))
         elif isinstance(spec, ZeroText):
@@ -107,7 +109,7 @@ class Intervention:
                 self._hooks.append(tr.register_forward_pre_hook(self._pooled_hook(spec, None), with_kwargs=True))
             else:
                 for l in spec.layer_list(tr):
-                    self._hooks.append(tr.transformer_blocks[l].register_forward_pre_hook(self._zero_text_hook(spec), with_kwargs=True))
+                    self._hooks.append(self._blocks[l].register_forward_pre_hook(self._zero_text_hook(spec), with_kwargs=True))
         elif isinstance(spec, KnockOut):
             self._add_edits(spec, _KnockOutEdit, attentions=("attn",))
         elif isinstance(spec, AblateHeads):
@@ -116,7 +118,7 @@ class Intervention:
             if spec.stream == "pooled":
                 self._hooks.append(tr.register_forward_pre_hook(self._pooled_hook(spec, spec.source), with_kwargs=True))
             for l in spec.layer_list(tr):
-                block = tr.transformer_blocks[l]
+                block = self._blocks[l]
                 if spec.stream == "attention":
                     self._hooks.append(block.attn.register_forward_hook(self._patch_attention_hook(spec, l)))
                 else:

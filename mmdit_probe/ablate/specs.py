@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from ..context import BRANCHES, CallContext, CallContextError
+from ..families import model_blocks
 from ..layout import TEXT_GROUPS, TokenLayout, normalise_word
 from ..maps import parse_quadrant, quadrant_name
 from ..selection import SelectionError, as_indices, fmt_ints
@@ -87,12 +88,12 @@ class Spec:
 
     def validate(self, transformer: torch.nn.Module) -> None:
         """Check layer/head indices against ``transformer``; raises :class:`AblationError`."""
-        _check_range(self.name, getattr(self, "layers", None), len(transformer.transformer_blocks), "layer")
+        _check_range(self.name, getattr(self, "layers", None), len(model_blocks(transformer)), "layer")
         _check_range(self.name, getattr(self, "heads", None), transformer.config.num_attention_heads, "head")
 
     def layer_list(self, transformer: torch.nn.Module) -> tuple[int, ...]:
         layers = getattr(self, "layers", None)
-        return tuple(range(len(transformer.transformer_blocks))) if layers is None else layers
+        return tuple(range(len(model_blocks(transformer)))) if layers is None else layers
 
     def active(self, ctx: CallContext) -> bool:
         return self.steps is None or ctx.step in self.steps
@@ -332,9 +333,9 @@ class AblateHeads(Spec):
     def validate(self, transformer) -> None:
         super().validate(transformer)
         if self.attention == "attn2":
-            missing = [l for l in self.layer_list(transformer) if getattr(transformer.transformer_blocks[l], "attn2", None) is None]
+            missing = [l for l in self.layer_list(transformer) if getattr(model_blocks(transformer)[l], "attn2", None) is None]
             if missing:
-                have = [i for i, b in enumerate(transformer.transformer_blocks) if getattr(b, "attn2", None) is not None]
+                have = [i for i, b in enumerate(model_blocks(transformer)) if getattr(b, "attn2", None) is not None]
                 raise AblationError(f"{self.describe()}: blocks {missing} have no attn2; blocks with attn2: {have or 'none'}")
         if self.mode == "mean":
             self.reference.check(self.layer_list(transformer), self.attention, self.describe())
@@ -380,17 +381,17 @@ class Patch(Spec):
     def layer_list(self, transformer) -> tuple[int, ...]:
         if self.layers is not None or self.stream == "pooled":
             return self.layers or ()
-        blocks = transformer.transformer_blocks
-        return tuple(i for i, b in enumerate(blocks) if not (self.stream == "text" and b.context_pre_only))
+        blocks = model_blocks(transformer)
+        return tuple(i for i, b in enumerate(blocks) if not (self.stream == "text" and getattr(b, "context_pre_only", False)))
 
     def validate(self, transformer) -> None:
         super().validate(transformer)
         if self.stream == "text":
-            last = [l for l in self.layer_list(transformer) if transformer.transformer_blocks[l].context_pre_only]
+            last = [l for l in self.layer_list(transformer) if getattr(model_blocks(transformer)[l], "context_pre_only", False)]
             if last:
                 raise AblationError(
                     f"{self.describe()}: block {last} is context_pre_only (its text output is discarded); "
-                    f"patch the text stream of blocks 0..{len(transformer.transformer_blocks) - 2}"
+                    f"patch the text stream of blocks 0..{len(model_blocks(transformer)) - 2}"
                 )
         self.source.check(self.stream, self.layer_list(transformer), self.steps, self.describe())
 

@@ -14,8 +14,8 @@ from ..layout import TokenLayout
 #: Branch of a batch row: CFG's unconditional and conditional rows, skip-layer guidance's extra
 #: cond-only call, and perturbed-attention guidance's perturbed row.
 BRANCHES = ("uncond", "cond", "slg", "perturbed")
-#: Kind of transformer call within a denoising step: the guidance batch, or SLG's extra call.
-CALL_KINDS = ("main", "slg")
+#: Kind of transformer call within a denoising step: the guidance batch, a separate uncond call (Flux true CFG), SLG's extra call.
+CALL_KINDS = ("main", "uncond", "slg")
 
 
 class CallContextError(ValueError):

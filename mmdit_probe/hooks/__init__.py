@@ -3,9 +3,10 @@
 from .controller import Handle, ProbeController
 from .edit import Edit, Observer
 from .pag import PagObserver
-from .processor import ProbeProcessor
+from ..families.hooked import HookedProcessor
+from ..families.sd3_processor import ProbeProcessor
 from .session import ProbeSession
-from .sites import ATTENTIONS, AttentionCall, Site, model_sites, resolve_transformer
+from .sites import ATTENTIONS, AttentionCall, Site, model_blocks, model_sites, resolve_transformer
 
-__all__ = ["ATTENTIONS", "AttentionCall", "Edit", "Handle", "Observer", "PagObserver", "ProbeController",
-           "ProbeProcessor", "Site", "model_sites", "resolve_transformer"]
+__all__ = ["ATTENTIONS", "AttentionCall", "Edit", "Handle", "Observer", "HookedProcessor", "PagObserver", "ProbeController",
+           "ProbeProcessor", "ProbeSession", "Site", "model_blocks", "model_sites", "resolve_transformer"]

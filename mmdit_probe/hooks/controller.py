@@ -12,13 +12,12 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
-
-from ..context import CallContext, ContextBuilder
-from ..layout import TokenLayout, joint_order
+from ..context import CallContext
+from ..families import Site, family_of, resolve_transformer
+from ..families.hooked import HookedProcessor
+from ..layout import TokenLayout
+from .builder import ContextBuilder
 from .pag import PAG_PROCESSORS, PagObserver
-from .processor import ProbeProcessor
-from .sites import Site, model_sites, resolve_transformer
 
 
 class Handle:
@@ -41,9 +40,10 @@ class ProbeController:
     def __init__(self, transformer: torch.nn.Module, pipe: Any | None):
         self.transformer = transformer
         self.pipe = pipe
-        self.order = joint_order(transformer)
-        self.sites = model_sites(transformer)
-        self.processors: dict[str, ProbeProcessor] = {}
+        self.family = family_of(transformer)
+        self.order = self.family.order
+        self.sites = self.family.sites(transformer)
+        self.processors: dict[str, HookedProcessor] = {}
         self.context: CallContext | None = None
         self._builder: ContextBuilder | None = None
         self._users: list[Any] = []
@@ -71,7 +71,7 @@ class ProbeController:
 
     @property
     def num_layers(self) -> int:
-        return len(self.transformer.transformer_blocks)
+        return len(self.family.blocks(self.transformer))
 
     # ---- users --------------------------------------------------------------------------
     def acquire(self, user: Any, *, layout: Any = None, branches: Sequence[str] | None = None) -> None:
@@ -144,20 +144,12 @@ class ProbeController:
     # ---- installation -------------------------------------------------------------------
     def _install(self) -> None:
         originals = dict(self.transformer.attn_processors)
-        wrong = {k: type(v).__name__ for k, v in originals.items() if type(v) not in (JointAttnProcessor2_0, FusedJointAttnProcessor2_0)}
-        if wrong:
-            first = next(iter(wrong.items()))
-            raise TypeError(
-                f"mmdit_probe replaces JointAttnProcessor2_0 (and its fused form) only, but {first[0]} uses {first[1]} "
-                f"({len(wrong)} modules differ). Reset them with transformer.set_attn_processor(JointAttnProcessor2_0()) "
-                f"or remove the adapter that installed them."
-            )
-        processors = {f"{s.name}.processor": ProbeProcessor(
-            s, self, fused=type(originals.get(f"{s.name}.processor")) is FusedJointAttnProcessor2_0) for s in self.sites}
-        missing = set(originals) - set(processors)
+        by_site = {f"{s.name}.processor": s for s in self.sites}
+        missing = set(originals) - set(by_site)
         if missing:
-            raise TypeError(f"unexpected attention processors {sorted(missing)[:3]}; is this an SD3 MMDiT?")
-        self._builder = ContextBuilder(self.transformer, self.pipe)
+            raise TypeError(f"unexpected attention processors {sorted(missing)[:3]}; is this a {self.family.name} model?")
+        processors = {key: self.family.processor(site, self, originals[key]) for key, site in by_site.items()}
+        self._builder = ContextBuilder(self.transformer, self.pipe, self.family)
         self._originals, self.processors = originals, processors
         self.transformer.__dict__[self._ATTR] = self
         try:
@@ -206,9 +198,9 @@ class ProbeController:
     def _observe_swapped_processors(self) -> None:
         """Wrap processors a pipeline swapped in during its call (PAG) so their layers are observed too."""
         for s in self.sites:
-            module = self.transformer.transformer_blocks[s.layer].get_submodule(s.attention)
+            module = self.transformer.get_submodule(s.name)
             proc = module.processor
-            if isinstance(proc, (ProbeProcessor, PagObserver)):
+            if isinstance(proc, (HookedProcessor, PagObserver)):
                 continue
             if isinstance(proc, PAG_PROCESSORS):
                 if self._edits.get(s):
@@ -221,5 +213,5 @@ class ProbeController:
                 continue
             raise RuntimeError(
                 f"{s.name} now uses {type(proc).__name__}, set after the probe was installed; mmdit_probe observes "
-                f"JointAttnProcessor2_0 and PAG's processors only"
+                f"its own processors and PAG's only"
             )

@@ -1,4 +1,5 @@
-"""Components of the shapes-world SD3 model and the loader of the shipped weights."""
+"""Components of the shapes-world SD3 model, the loader of the shipped weights, and the embedded
+default model (:func:`default_pipeline`) with the run kwargs it ships with (:func:`default_run_kwargs`)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,34 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file, save_file
 
+from ..models import (  # diffusers classes via models: it imports the pipelines without transformers' noise
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    WeightsNotAvailableError,
+    tiny_sd3_pipeline,
+)
 from .world import world_vocab
 
 __all__ = [
     "ModelConfig", "ASSET_DIR", "build_vae", "build_transformer", "build_pipeline", "text_encoder_state",
     "encoder_checksum", "shapes_pipeline", "shapes_prompt_examples", "save_assets", "load_config",
+    "default_pipeline", "default_run_kwargs", "TINY_RUN_KWARGS", "SD3_RUN_KWARGS",
 ]
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes"
 JOINT_DIM, POOLED_DIM = 32, 64  # sizes of the in-code text encoders (models.py defaults)
+#: run kwargs of the random tiny pipelines (small and fast) and of real SD3 / SD3.5 checkpoints
+TINY_RUN_KWARGS = {"num_inference_steps": 8, "guidance_scale": 5.0, "max_sequence_length": 16}
+SD3_RUN_KWARGS = {"num_inference_steps": 28, "guidance_scale": 5.0, "max_sequence_length": 256}
 
 
 @dataclass(frozen=True)
@@ -67,8 +81,6 @@ def build_transformer(cfg: ModelConfig) -> SD3Transformer2DModel:
 def build_pipeline(cfg: ModelConfig, transformer: SD3Transformer2DModel, vae: AutoencoderKL,
                    *, device: str = "cpu", torch_dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
     """The StableDiffusion3Pipeline around ``transformer``/``vae`` with world-vocabulary text encoders."""
-    from ..models import tiny_sd3_pipeline
-
     pipe = tiny_sd3_pipeline("sd3", seed=cfg.encoder_seed, vocab=world_vocab(), transformer=transformer, vae=vae)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.scheduler_shift)
     pipe.set_progress_bar_config(disable=True)
@@ -129,9 +141,9 @@ def shapes_pipeline(device: str = "cpu", torch_dtype: torch.dtype = torch.float3
                     path: str | Path | None = None) -> StableDiffusion3Pipeline:
     """The trained shapes-world SD3 pipeline from the shipped weights (no download).
 
-    Generate 64x64 images with ``pipe(prompt, num_inference_steps=20, guidance_scale=7.0,
-    max_sequence_length=12)``; ``max_sequence_length`` must be the trained one (see
-    ``pipe.shapes_config``).
+    Generate 64x64 images with ``pipe(prompt, **default_run_kwargs(pipe))`` (the trained steps,
+    guidance and T5 length, also in ``pipe.shapes_config``); ``max_sequence_length`` must be the
+    trained one.
     """
     root = Path(path) if path is not None else ASSET_DIR
     cfg, meta = load_config(root)
@@ -151,6 +163,9 @@ def shapes_pipeline(device: str = "cpu", torch_dtype: torch.dtype = torch.float3
         for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
             m.to(dtype=torch_dtype)
     pipe.shapes_config = cfg  # type: ignore[attr-defined]
+    pipe.shipped_run_kwargs = {  # type: ignore[attr-defined]  # read by default_run_kwargs() and describe()
+        "num_inference_steps": cfg.default_steps, "guidance_scale": cfg.default_guidance,
+        "max_sequence_length": cfg.max_sequence_length}
     return pipe.to(device)
 
 
@@ -161,3 +176,30 @@ def shapes_prompt_examples() -> list[str]:
         "a yellow triangle right of a green circle", "a red triangle below a green square",
         "a blue circle left of a red square",
     ]
+
+
+def default_pipeline(**kwargs: Any) -> StableDiffusion3Pipeline:
+    """The embedded default model: the trained shapes pipeline (``kwargs`` go to :func:`shapes_pipeline`)
+    when its weights are shipped, else the random tiny SD3 pipeline. Works offline, on CPU.
+
+    Run it with ``pipe(prompt, **default_run_kwargs(pipe))``.
+    """
+    try:
+        return shapes_pipeline(**kwargs)
+    except (FileNotFoundError, WeightsNotAvailableError):
+        pass  # weights not shipped in this checkout
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        warnings.warn(f"shapes model could not be loaded ({err}); using the random tiny pipeline", stacklevel=2)
+    pipe = tiny_sd3_pipeline(**{k: v for k, v in kwargs.items() if k in ("device", "torch_dtype")})
+    pipe.shipped_run_kwargs = dict(TINY_RUN_KWARGS)  # type: ignore[attr-defined]
+    return pipe
+
+
+def default_run_kwargs(pipe: Any, embedded: bool = True) -> dict[str, Any]:
+    """``num_inference_steps``, ``guidance_scale`` and ``max_sequence_length`` that suit ``pipe``: those
+    it ships with (``pipe.shipped_run_kwargs``, set by :func:`shapes_pipeline` / :func:`default_pipeline`),
+    else :data:`TINY_RUN_KWARGS` for ``embedded`` (tiny) pipelines and :data:`SD3_RUN_KWARGS` for real checkpoints."""
+    shipped = getattr(pipe, "shipped_run_kwargs", None)
+    if shipped:
+        return dict(shipped)
+    return dict(TINY_RUN_KWARGS if embedded else SD3_RUN_KWARGS)

@@ -90,12 +90,13 @@ def recovery_main(argv: list[str] | None = None) -> dict:
     from .model import shapes_pipeline
 
     d = RecoveryConfig()
-    p = argparse.ArgumentParser(prog="mmdit-probe recover-shapes", description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=d.n)
-    p.add_argument("--steps", type=int, default=d.steps)
+    p = argparse.ArgumentParser(prog="mmdit-probe recover-shapes", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--n", type=int, default=d.n, help="scenes (captions) to noise and finish")
+    p.add_argument("--steps", type=int, default=d.steps, help="denoising steps of the full trajectory")
     p.add_argument("--guidance", type=float, default=d.guidance, help="CFG scale (default: the model's own)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--split", choices=("train", "heldout"), default=d.split)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the scenes and the noise")
+    p.add_argument("--split", choices=("train", "heldout"), default=d.split,
+                   help="train: new scenes with training captions; heldout: never-trained captions")
     p.add_argument("--weights", default=None, help="weights folder (default: the shipped assets)")
     p.add_argument("--out", default=None, help="JSON report path")
     a = p.parse_args(argv)

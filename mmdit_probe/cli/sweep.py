@@ -1,5 +1,8 @@
 """``mmdit-probe sweep``: an ablation sweep (one spec per layer, or per layer × quadrant) into
-CSV/parquet, plus effect-by-layer, per-step effect and before/after image figures."""
+CSV/parquet, plus effect-by-layer, per-step effect and before/after image figures.
+
+pandas, matplotlib and :mod:`mmdit_probe.plot` are imported inside the functions that use them (heavy).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli import CLIError, Subcommand, add_model_arguments, generation_kwargs, get_pipeline, set_progress
+from .. import QUADRANTS, run_pipeline
+from ..effect import resolve_metrics
+from ..sweep import knock_out_each_quadrant, skip_each_layer, sweep, zero_text_each_layer
+from .common import CLIError, Subcommand, add_model_arguments, generation_kwargs, get_pipeline
 
 KINDS = ("skip-layers", "zero-text", "knock-out")
 DEFAULT_PROMPT = "a red circle left of a blue square"
@@ -34,9 +40,6 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 def sweep_specs(kind: str, pipe: Any) -> tuple[list, Any]:
     """The spec list of ``kind`` and a function ``spec_index -> {column: value}`` naming layer/quadrant."""
-    from .maps import QUADRANTS
-    from .sweep import knock_out_each_quadrant, skip_each_layer, zero_text_each_layer
-
     if kind == "skip-layers":
         return skip_each_layer(pipe), lambda i: {"layer": i}
     if kind == "zero-text":
@@ -49,11 +52,9 @@ def sweep_specs(kind: str, pipe: Any) -> tuple[list, Any]:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only when drawing
 
-    from . import plot
-    from .effect import resolve_metrics
-    from .sweep import sweep
+    from .. import plot  # matplotlib / seaborn: heavy
 
     names = {m.name: m.on for m in resolve_metrics(None)}
     for opt, name, per_step in (("--metric", args.metric, False), ("--step-metric", args.step_metric, True)):
@@ -100,17 +101,16 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_columns(df, columns):
-    import pandas as pd
+def _with_columns(df: Any, columns: Any) -> Any:
+    import pandas as pd  # heavy; the sweep has loaded it already
 
     extra = pd.DataFrame([columns(int(i)) for i in df["spec_index"]], index=df.index)
     return pd.concat([df, extra], axis=1)
 
 
-def _strip(pipe, df, specs, prompt: str, args, call: dict, path: Path):
+def _strip(pipe: Any, df: Any, specs: list, prompt: str, args: argparse.Namespace, call: dict, path: Path) -> Any:
     """Baseline plus the ``args.strip - 1`` ablations with the largest mean ``args.metric``."""
-    from . import plot
-    from .effect import run_pipeline
+    from .. import plot  # matplotlib / seaborn: heavy
 
     seed = args.seeds[0]
     final = df[(df["metric"] == args.metric) & df["step"].isna()]
@@ -125,7 +125,7 @@ def _strip(pipe, df, specs, prompt: str, args, call: dict, path: Path):
                                                              f"ablations with the largest {args.metric}")
 
 
-def _print_summary(df, metric: str) -> None:
+def _print_summary(df: Any, metric: str) -> None:
     final = df[(df["metric"] == metric) & df["step"].isna()]
     by = ["spec_index", "spec"]
     table = final.groupby(by)["value"].agg(["mean", "std"]).reset_index(level=0, drop=True)

@@ -1,41 +1,32 @@
-"""``ProbeProcessor``: computes exactly what diffusers' ``JointAttnProcessor2_0`` computes (same ops,
-same order, same kernel) and shows per-head ``q, k, v``, output and log-sum-exp to observers and
-lets :class:`~mmdit_probe.hooks.Edit` s change them.
-
-Everything that reads per-call Python state (the call context, edits, observers) runs in
-``torch.compiler.disable`` d methods, so ``torch.compile(pipe.transformer)`` compiles once per
-input shape: the traced part sees only tensors and attributes that change when users attach.
+"""``ProbeProcessor``: computes exactly what diffusers' ``JointAttnProcessor2_0`` (or, after
+``fuse_qkv_projections()``, ``FusedJointAttnProcessor2_0``) computes — same ops, same order, same
+kernel — and shows per-head ``q, k, v``, output and log-sum-exp to observers and lets
+:class:`~mmdit_probe.Edit` s change them (the machinery is :class:`~.hooked.HookedProcessor`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels import attention_with_lse
 from ..layout import stream_slices
-from ..kernels import attention_with_lse, default_scale
-from .sites import AttentionCall, Site
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .controller import ProbeController
+from .base import Site
+from .hooked import HookedProcessor
 
 
 def _heads(x: torch.Tensor, batch: int, heads: int, head_dim: int) -> torch.Tensor:
     return x.view(batch, -1, heads, head_dim).transpose(1, 2)
 
 
-class ProbeProcessor:
-    """Drop-in for ``JointAttnProcessor2_0`` with observer and edit points (see :class:`Edit`)."""
+class ProbeProcessor(HookedProcessor):
+    """Drop-in for ``JointAttnProcessor2_0`` with observer and edit points (see :class:`~mmdit_probe.Edit`)."""
 
-    def __init__(self, site: Site, controller: "ProbeController", fused: bool = False):
-        self.site = site
-        self.controller = controller
+    def __init__(self, site: Site, controller: Any, fused: bool = False):
+        super().__init__(site, controller)
         self.fused = fused  # replaces FusedJointAttnProcessor2_0 (after fuse_qkv_projections): its ops, its order
-        self.observers: tuple[Any, ...] = ()
-        self.edits: tuple[Any, ...] = ()
-        self.needs_lse = False  # kept in step with observers/edits by the controller
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         residual = hidden_states
@@ -115,46 +106,3 @@ class ProbeProcessor:
         if encoder_hidden_states is not None:
             return hidden_states, encoder_hidden_states
         return hidden_states
-
-    # ---- per-call Python state: outside traced code -------------------------------------
-    def _call(self, n_image: int, n_text: int, q: torch.Tensor, self_only: tuple[int, ...] = ()) -> AttentionCall:
-        return AttentionCall(self.site, self.controller.current_context(), n_image, n_text, self.controller.order,
-                             default_scale(q), q.shape[1], self_only)
-
-    @torch.compiler.disable
-    def _edit_qkv(self, n_image, n_text, q, k, v):
-        call = self._call(n_image, n_text, q)
-        for e in self.edits:
-            q, k, v = e.edit_qkv(call, q, k, v)
-        return q, k, v
-
-    @torch.compiler.disable
-    def _edit_attention(self, n_image, n_text, q, k, v, out, lse):
-        call = self._call(n_image, n_text, q)
-        for e in self.edits:
-            out, lse = e.edit_attention(call, q, k, v, out, lse)
-        return out, lse
-
-    @torch.compiler.disable
-    def _observe(self, n_image, n_text, q, k, v, out, lse):
-        call = self._call(n_image, n_text, q)
-        obs_q, obs_k = q, k
-        for e in self.edits:
-            obs_q, obs_k = e.observed_qk(call, obs_q, obs_k)
-        for o in self.observers:
-            o.observe(call, obs_q, obs_k, v, out, lse)
-
-    @torch.compiler.disable
-    def _edit_heads(self, n_image, n_text, out):
-        call = self._call(n_image, n_text, out)
-        for e in self.edits:
-            out = e.edit_heads(call, out)
-        return out
-
-    @torch.compiler.disable
-    def _edit_streams(self, n_image, n_text, image, text):
-        call = AttentionCall(self.site, self.controller.current_context(), n_image, n_text, self.controller.order,
-                             float("nan"), 0)
-        for e in self.edits:
-            image, text = e.edit_streams(call, image, text)
-        return image, text

@@ -1,7 +1,8 @@
 """``mmdit-probe train-shapes`` / ``evaluate-shapes`` / ``recover-shapes``: hand the rest of the command line to the shapes scripts.
 
-Their options are defined once, in :mod:`mmdit_probe.shapes.train` / :mod:`mmdit_probe.shapes.evaluate`
-(``python -m mmdit_probe.shapes.train --help`` shows the same); the subcommands here only forward.
+Their options are defined once, in :mod:`mmdit_probe.shapes.train`, :mod:`~mmdit_probe.shapes.evaluate`
+and :mod:`~mmdit_probe.shapes.recovery` (``python -m mmdit_probe.shapes.train --help`` shows the same);
+the subcommands here only forward. The scripts are imported when run (training pulls in its own stack).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import argparse
 import importlib
 from typing import Sequence
 
-#: subcommand -> (module, entry point taking argv)
-DELEGATED = {
+from .common import PROG, Subcommand
+
+#: subcommand -> (module, entry point taking argv, one-line help)
+DELEGATED: dict[str, tuple[str, str, str]] = {
     "train-shapes": ("mmdit_probe.shapes.train", "train_main",
                      "train the embedded shapes model (VAE + MMDiT) on this CPU; resumable checkpoints"),
     "evaluate-shapes": ("mmdit_probe.shapes.evaluate", "evaluate_main",
@@ -22,6 +25,7 @@ DELEGATED = {
 
 
 def run_delegated(name: str, argv: Sequence[str]) -> int:
+    """Run the shapes script of subcommand ``name`` with ``argv`` (its own argparse handles ``--help``)."""
     module, func, _ = DELEGATED[name]
     entry = getattr(importlib.import_module(module), func)
     entry(list(argv))
@@ -29,4 +33,12 @@ def run_delegated(name: str, argv: Sequence[str]) -> int:
 
 
 def add_forwarded_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("options", nargs=argparse.REMAINDER, help="options of the script (see --help)")
+    parser.add_argument("options", nargs=argparse.REMAINDER,
+                        help="the script's own options, forwarded unchanged (its --help lists them)")
+
+
+COMMANDS: dict[str, Subcommand] = {
+    name: Subcommand(add_forwarded_arguments, lambda a, n=name: run_delegated(n, a.options), help_,
+                     f"{help_[0].upper()}{help_[1:]}. Run `{PROG} {name} --help` for its options.")
+    for name, (_, _, help_) in DELEGATED.items()
+}

@@ -1,10 +1,11 @@
 """Which prompt each transformer batch row carries, matched by value, never by position.
 
-Forward hooks on the pipeline's CLIP-L encoder keep, per encoder call, the token ids and the hidden
-state the pipeline takes (``hidden_states[-(clip_skip + 2)]``); a pre-hook on T5 keeps its ids. A
-transformer row whose first 77 × 768 text channels equal one of those hidden states exactly is
-that prompt's row — whatever the order of encoding, ``num_images_per_prompt``, CFG, SLG or PAG
-batching. Rows made from ``prompt_embeds`` match nothing and get no layout.
+A forward hook on the family's text encoder (SD3: CLIP-L; Flux: T5) keeps, per encoder call, the
+token ids and the hidden state the pipeline places in the text stream (SD3:
+``hidden_states[-(clip_skip + 2)]`` in the first 77 × 768 channels; Flux: the whole T5 output); a
+pre-hook on SD3's T5 keeps its ids. A transformer row whose text equals one of those hidden states
+exactly is that prompt's row — whatever the order of encoding, ``num_images_per_prompt``, CFG, SLG,
+PAG or Flux's true-CFG batching. Rows made from ``prompt_embeds`` match nothing and get no layout.
 """
 
 from __future__ import annotations
@@ -14,23 +15,24 @@ from typing import Any
 
 import torch
 
-from ..layout import CLIP_LENGTH, TokenLayout, joint_order
+from ..families import Family
+from ..layout import TokenLayout
 
 
 @dataclass
 class Encoding:
-    """One CLIP-L encoder call: ids ``[n, 77]``, the hidden state the pipeline uses ``[n, 77, C]``, T5 ids."""
+    """One text-encoder call: ids ``[n, L]``, the hidden state the pipeline uses ``[n, L, C]``, a second encoder's ids."""
 
-    clip_ids: torch.Tensor
+    ids: torch.Tensor
     hidden: torch.Tensor
-    t5_ids: torch.Tensor | None = None
+    second_ids: torch.Tensor | None = None
 
 
 class PromptCapture:
     """Records prompt encodings while active; :meth:`match` labels transformer rows with them."""
 
-    def __init__(self, pipe: Any):
-        self.pipe = pipe
+    def __init__(self, pipe: Any, family: Family):
+        self.pipe, self.family = pipe, family
         self.encodings: list[Encoding] = []
         self.new_since_last_match = False
         self._hooks: list[Any] = []
@@ -38,12 +40,12 @@ class PromptCapture:
         self._match_cache: tuple[tuple, tuple] | None = None
 
     def start(self) -> "PromptCapture":
-        clip = getattr(self.pipe, "text_encoder", None)
-        t5 = getattr(self.pipe, "text_encoder_3", None)
-        if isinstance(clip, torch.nn.Module):
-            self._hooks.append(clip.register_forward_hook(self._clip_hook, with_kwargs=True))
-        if isinstance(t5, torch.nn.Module):
-            self._hooks.append(t5.register_forward_pre_hook(self._t5_hook, with_kwargs=True))
+        first = getattr(self.pipe, self.family.text_encoder, None)
+        second = getattr(self.pipe, self.family.second_encoder, None) if self.family.second_encoder else None
+        if isinstance(first, torch.nn.Module):
+            self._hooks.append(first.register_forward_hook(self._first_hook, with_kwargs=True))
+        if isinstance(second, torch.nn.Module):
+            self._hooks.append(second.register_forward_pre_hook(self._second_hook, with_kwargs=True))
         return self
 
     def stop(self) -> None:
@@ -51,25 +53,23 @@ class PromptCapture:
             h.remove()
         self._hooks = []
 
-    def _clip_hook(self, module, args, kwargs, output):
+    def _first_hook(self, module, args, kwargs, output):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        hidden_states = getattr(output, "hidden_states", None)
-        if not torch.is_tensor(ids) or hidden_states is None:
+        if not torch.is_tensor(ids):
             return None
         try:
-            skip = self.pipe.clip_skip
-        except AttributeError:  # encode_prompt called outside __call__
-            skip = None
-        hidden = hidden_states[-2] if skip is None else hidden_states[-(skip + 2)]
+            hidden = self.family.encoder_hidden(self.pipe, output)
+        except (AttributeError, TypeError, IndexError):  # called without the outputs the pipeline uses
+            return None
         self.encodings.append(Encoding(ids.detach().cpu(), hidden.detach()))
         self.encodings = self.encodings[-8:]  # a run encodes at most prompt + negative; keep a few
         self.new_since_last_match = True
         return None
 
-    def _t5_hook(self, module, args, kwargs):
+    def _second_hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if torch.is_tensor(ids) and self.encodings and self.encodings[-1].t5_ids is None:
-            self.encodings[-1].t5_ids = ids.detach().cpu()  # the pipeline encodes CLIP-L, CLIP-G, then T5
+        if torch.is_tensor(ids) and self.encodings and self.encodings[-1].second_ids is None:
+            self.encodings[-1].second_ids = ids.detach().cpu()  # SD3 encodes CLIP-L, CLIP-G, then T5
         return None
 
     def match(self, ehs: torch.Tensor, image_grid: tuple[int, int]) -> tuple[tuple[int | None, ...], tuple[TokenLayout | None, ...]]:
@@ -96,24 +96,22 @@ class PromptCapture:
 
     def _find(self, row: torch.Tensor) -> tuple[Encoding, list[int]] | None:
         for enc in reversed(self.encodings):  # the newest run's encodings first
-            width = enc.hidden.shape[-1]
-            if row.shape[0] < CLIP_LENGTH or row.shape[1] < width:
+            part = self.family.row_text(row, enc.hidden[0])
+            if part is None:
                 continue
-            part = row[:CLIP_LENGTH, :width].to(device=enc.hidden.device, dtype=torch.float32)
+            part = part.to(device=enc.hidden.device, dtype=torch.float32)
             hits = [p for p in range(enc.hidden.shape[0]) if torch.equal(part, enc.hidden[p].to(torch.float32))]
             if hits:
                 return enc, hits
         return None
 
     def _layout(self, enc: Encoding, p: int, image_grid, n_text: int) -> TokenLayout:
-        clip_ids = tuple(enc.clip_ids[p].tolist())
-        t5_ids = None if enc.t5_ids is None else tuple(enc.t5_ids[p].tolist())
-        key = (clip_ids, t5_ids, tuple(image_grid), n_text)
+        ids = tuple(enc.ids[p].tolist())
+        second = None if enc.second_ids is None else tuple(enc.second_ids[p].tolist())
+        key = (ids, second, tuple(image_grid), n_text)
         if key not in self._layout_cache:
-            tok3 = getattr(self.pipe, "tokenizer_3", None)
-            prompt = self.pipe.tokenizer.decode(list(clip_ids), skip_special_tokens=True)
-            self._layout_cache[key] = TokenLayout.from_ids(
-                image_grid, list(clip_ids), self.pipe.tokenizer, None if t5_ids is None else list(t5_ids), tok3,
-                t5_length=n_text - CLIP_LENGTH, order=joint_order(self.pipe.transformer), prompt=prompt.strip(),
-            )
+            tokenizer = getattr(self.pipe, self.family.tokenizer)
+            prompt = tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+            self._layout_cache[key] = self.family.layout(
+                self.pipe, list(ids), None if second is None else list(second), image_grid, n_text, prompt)
         return self._layout_cache[key]

@@ -1,4 +1,8 @@
-"""Built-in subcommands ``demo``, ``record``, ``plot`` and ``show``."""
+"""Built-in subcommands ``demo``, ``record``, ``plot`` and ``show``.
+
+pandas, matplotlib and :mod:`mmdit_probe.plot` are imported inside the functions that draw or print
+tables (heavy, and not needed for ``--help``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli import CLIError, Subcommand, add_model_arguments, generation_kwargs, get_pipeline, parse_int_list, set_progress
+from PIL import Image
+
+from .. import AttentionRecorder, AttentionResult, MapSelection
+from .common import CLIError, Subcommand, add_model_arguments, generation_kwargs, get_pipeline, parse_int_list, set_progress
 
 DEMO_PROMPT = "a red circle left of a blue square"
 
@@ -14,10 +21,8 @@ DEMO_PROMPT = "a red circle left of a blue square"
 # --------------------------------------------------------------------------------------- recording
 
 
-def parse_map_spec(text: str):
+def parse_map_spec(text: str) -> MapSelection:
     """``QUADRANT[:LAYERS[:STEPS]]`` (e.g. ``image->text:2,3:0-3``) → ``MapSelection``."""
-    from .maps import MapSelection
-
     parts = text.split(":")
     if len(parts) > 3 or not parts[0]:
         raise CLIError(f"bad --maps {text!r}; use QUADRANT:LAYERS:STEPS, e.g. 'image->text:2,3:0-3' "
@@ -28,10 +33,9 @@ def parse_map_spec(text: str):
 
 
 def record_run(args: argparse.Namespace, *, groups: bool, words: bool, entropy: bool = False,
-               key_mass: bool = False, maps: list | None = None):
+               key_mass: bool = False, maps: list[MapSelection] | None = None
+               ) -> tuple[AttentionResult, Image.Image]:
     """Load the model, run it once under an ``AttentionRecorder``; returns ``(result, image)``."""
-    from .record import AttentionRecorder
-
     pipe = get_pipeline(args.model, device=args.device, dtype=args.dtype)
     set_progress(pipe, args)
     kw = generation_kwargs(args, args.prompt, pipe)
@@ -45,13 +49,13 @@ def record_run(args: argparse.Namespace, *, groups: bool, words: bool, entropy: 
     return res, image
 
 
-def summary_table(res):
+def summary_table(res: AttentionResult):
     """Quadrant table (layer rows; ``image->image`` … columns) of the cond branch (or all rows)."""
     branch = "cond" if "cond" in res.branches else None
     return res.quadrant_table(by=("layer",), branch=branch)
 
 
-def _write_outputs(res, image, results_path: Path) -> dict[str, Path]:
+def _write_outputs(res: AttentionResult, image: Image.Image, results_path: Path) -> dict[str, Path]:
     stem = results_path.with_suffix("")
     paths = {"results": results_path, "summary": Path(f"{stem}_summary.csv"), "image": Path(f"{stem}_image.png")}
     results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +66,8 @@ def _write_outputs(res, image, results_path: Path) -> dict[str, Path]:
     return paths
 
 
-def _print_table(res) -> None:
-    import pandas as pd
+def _print_table(res: AttentionResult) -> None:
+    import pandas as pd  # heavy; only for printing
 
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 120):
         print("Mean attention mass per quadrant (query->key), cond branch, by layer:")
@@ -80,7 +84,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from . import plot
+    from .. import plot  # matplotlib / seaborn: heavy
 
     out = Path(args.out)
     res, image = record_run(args, groups=True, words=True)
@@ -144,8 +148,7 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from . import plot
-    from .result import AttentionResult
+    from .. import plot  # matplotlib / seaborn: heavy
 
     path = Path(args.results)
     res = AttentionResult.load(path)
@@ -175,9 +178,7 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_image(res, results_path: Path, given: str | None):
-    from PIL import Image
-
+def _find_image(res: AttentionResult, results_path: Path, given: str | None) -> Image.Image | None:
     if given:
         if not Path(given).is_file():
             raise CLIError(f"--image {given!r} does not exist")
@@ -195,16 +196,14 @@ def _show_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from .result import AttentionResult
-
     res = AttentionResult.load(args.results)
     print(format_result(res, args.results))
     return 0
 
 
-def format_result(res, name: str = "") -> str:
+def format_result(res: AttentionResult, name: str = "") -> str:
     """Human-readable summary: run, model, statistics with dims, coordinates, layouts, quadrant table."""
-    import pandas as pd
+    import pandas as pd  # heavy; only for printing
 
     lines = [f"results file: {name}" if name else "result"]
     run = res.meta.get("run")
@@ -244,7 +243,7 @@ def format_result(res, name: str = "") -> str:
 
 
 def _close(figs: list[Any]) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy; loaded by plot already
 
     for f in figs:
         plt.close(f)

@@ -1,0 +1,70 @@
+"""``HookedProcessor``: the edit and observer points every family's probe processor shares.
+
+Everything that reads per-call Python state (the call context, edits, observers) runs in
+``torch.compiler.disable`` d methods, so ``torch.compile(pipe.transformer)`` compiles once per
+input shape: the traced part of a processor sees only tensors and attributes that change when
+users attach (``observers``, ``edits``, ``needs_lse``, kept in step by the controller).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..kernels import default_scale
+from .base import AttentionCall, Site
+
+
+class HookedProcessor:
+    """Base of the probe processors: holds the site, the controller, observers and edits."""
+
+    def __init__(self, site: Site, controller: Any):
+        self.site = site
+        self.controller = controller
+        self.observers: tuple[Any, ...] = ()
+        self.edits: tuple[Any, ...] = ()
+        self.needs_lse = False
+
+    # ---- per-call Python state: outside traced code -------------------------------------
+    def _call(self, n_image: int, n_text: int, q: torch.Tensor, self_only: tuple[int, ...] = ()) -> AttentionCall:
+        return AttentionCall(self.site, self.controller.current_context(), n_image, n_text, self.controller.order,
+                             default_scale(q), q.shape[1], self_only)
+
+    @torch.compiler.disable
+    def _edit_qkv(self, n_image, n_text, q, k, v):
+        call = self._call(n_image, n_text, q)
+        for e in self.edits:
+            q, k, v = e.edit_qkv(call, q, k, v)
+        return q, k, v
+
+    @torch.compiler.disable
+    def _edit_attention(self, n_image, n_text, q, k, v, out, lse):
+        call = self._call(n_image, n_text, q)
+        for e in self.edits:
+            out, lse = e.edit_attention(call, q, k, v, out, lse)
+        return out, lse
+
+    @torch.compiler.disable
+    def _observe(self, n_image, n_text, q, k, v, out, lse):
+        call = self._call(n_image, n_text, q)
+        obs_q, obs_k = q, k
+        for e in self.edits:
+            obs_q, obs_k = e.observed_qk(call, obs_q, obs_k)
+        for o in self.observers:
+            o.observe(call, obs_q, obs_k, v, out, lse)
+
+    @torch.compiler.disable
+    def _edit_heads(self, n_image, n_text, out):
+        call = self._call(n_image, n_text, out)
+        for e in self.edits:
+            out = e.edit_heads(call, out)
+        return out
+
+    @torch.compiler.disable
+    def _edit_streams(self, n_image, n_text, image, text):
+        call = AttentionCall(self.site, self.controller.current_context(), n_image, n_text, self.controller.order,
+                             float("nan"), 0)
+        for e in self.edits:
+            image, text = e.edit_streams(call, image, text)
+        return image, text
