@@ -142,3 +142,35 @@ def test_load_pipeline_reads_a_flux_folder(pipe, tmp_path):
     with mp.AttentionRecorder(loaded) as rec:
         b = loaded(PROMPT, generator=torch.manual_seed(0), **KW).images
     assert torch.equal(a, b) and rec.result.meta["family"] == "flux"
+
+
+def test_patching_every_stream_restores_the_clean_run(pipe):
+    """Blocks after layer 1 see the clean run's streams and pooled conditioning: the output is the clean one."""
+    clean_out = pipe(PROMPT, generator=torch.manual_seed(0), **KW).images
+    with mp.record_activations(pipe, layers=[1]) as clean:
+        pipe(PROMPT, generator=torch.manual_seed(0), **KW)
+    specs = [mp.Patch(clean, layers=[1], stream="image"), mp.Patch(clean, layers=[1], stream="text"),
+             mp.Patch(clean, stream="pooled")]
+    with mp.intervene(pipe, *specs):
+        out = pipe("a green triangle", generator=torch.manual_seed(0), **KW).images
+    assert torch.equal(out, clean_out)
+
+
+def test_zero_text_word_on_single_stream_block(pipe):
+    lay = mp.prompt_layout(pipe, PROMPT, height=32, width=40, max_sequence_length=16)
+    pos = [p - lay.text_slice.start for p in lay.word_positions("red")]
+    block = pipe.transformer.single_transformer_blocks[0]  # layer 2
+
+    def zero(module, args, kwargs):
+        ehs = kwargs["encoder_hidden_states"].clone()
+        ehs[:, pos] = 0
+        return args, {**kwargs, "encoder_hidden_states": ehs}
+
+    h = block.register_forward_pre_hook(zero, with_kwargs=True)
+    try:
+        reference = pipe(PROMPT, generator=torch.manual_seed(0), **KW).images
+    finally:
+        h.remove()
+    with mp.intervene(pipe, mp.ZeroText(layers=[2], words=["red"])):
+        out = pipe(PROMPT, generator=torch.manual_seed(0), **KW).images
+    assert torch.equal(out, reference)
