@@ -11,7 +11,7 @@ from .named import Stat
 from .context import BRANCHES, CallContext, CallContextError
 from .hooks import AttentionCall, Edit, ProbeController, ProbeProcessor, Site
 from .selection import SelectionError
-from .stats import Statistic
+from .stats import Entropy, GroupMass, KeyMass, Mass, Statistic, WordMap
 from .record import AttentionRecorder
 from .result import AttentionResult
 from .io import ResultsFileError
@@ -47,7 +47,7 @@ def __getattr__(name):  # keep `import mmdit_probe` light: models pull in diffus
 __all__ = [
     "AttentionRecorder", "AttentionResult", "TokenLayout", "TextToken", "MapSelection", "MapBudgetError",
     "QUADRANTS", "KEY_GROUPS", "QUERY_GROUPS", "TEXT_GROUPS", "Stat", "ProbeController", "ProbeProcessor", "Site",
-    "BRANCHES", "CallContext", "CallContextError", "AttentionCall", "Edit", "Statistic", "SelectionError",
+    "BRANCHES", "CallContext", "CallContextError", "AttentionCall", "Edit", "Statistic", "SelectionError", "Mass", "GroupMass", "Entropy", "KeyMass", "WordMap",
     "ResultsFileError", "joint_order", "prompt_layout",
     "describe", "Description", "DescriptionRow", "compare", "Comparison", "branch_view", "plot_difference",
     "lora_parameter_counts", "LoraCounts", "step_count_study", "StepStudy", "interpolate_at_sigmas",
