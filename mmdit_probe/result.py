@@ -26,13 +26,6 @@ from .layout import TokenLayout, normalise_word
 from .maps import parse_quadrant, quadrant_name
 from .named import Stat
 
-STAT_DIMS: dict[str, tuple[str, ...]] = {
-    "mass": ("query", "key"),
-    "group_mass": ("query", "key_group"),
-    "entropy": ("query",),
-    "key_mass": ("query", "key_token"),
-    "word_map": ("word", "image_token"),  # after a head dim with word_heads="all"
-}
 LEAD_DIMS = ("step", "layer", "attention", "batch", "head")
 VALUE_NAMES = {"mass": "mass", "group_mass": "mass", "entropy": "entropy", "key_mass": "mass", "word_map": "mass"}
 HOW_TO_ENABLE = {"group_mass": "groups=True", "entropy": "entropy=True", "key_mass": "key_mass=True", "word_map": "words=True"}
@@ -188,6 +181,9 @@ class AttentionResult:
                 vals = torch.nanmean(vals, dim=head_axis)
             elif head != "all":
                 vals = vals.select(head_axis, int(head))
+        if self.image_grid is None:
+            raise ValueError("this result has no image grid in its metadata (meta['image_grid']), so word maps cannot be "
+                             "laid out as images; use res.stat('word_map') for the flat [..., image_token] values")
         h, wd = self.image_grid
         return vals.reshape(*vals.shape[:-1], h, wd)
 

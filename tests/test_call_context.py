@@ -340,3 +340,39 @@ def test_refused_entry_leaves_nothing_behind(pipe):
             pass
     assert "_mmdit_probe_controller" not in tr.__dict__
     assert all(type(p) is AttnProcessor2_0 for p in tr.attn_processors.values())
+
+
+def test_intervene_steps_on_img2img_are_the_steps_run(pipe):
+    """``KnockOut(steps=[0])`` acts at the first step img2img actually runs (not at a skipped early timestep)."""
+    i2i = StableDiffusion3Img2ImgPipeline(**_components(pipe))
+    args = dict(image=torch.rand(1, 3, 32, 40), strength=0.5, num_inference_steps=6, guidance_scale=5.0,
+                max_sequence_length=12, output_type="pt")
+    with mp.intervene(i2i, mp.KnockOut("image->text", layers=[1], steps=[0])), mp.AttentionRecorder(i2i) as rec:
+        i2i(PROMPT, generator=torch.manual_seed(0), **args)
+    m = rec.result.mass.values[:, 1, 0, :, :, 0, 1]  # image->text at layer 1: [step, batch, head]
+    assert (m[0] == 0).all() and (m[1:] > 0).all()
+    with pytest.raises(mp.AblationError, match="steps \\[3\\] out of range: this run has 3 denoising steps"):
+        with mp.intervene(i2i, mp.KnockOut("image->text", steps=[3])):
+            i2i(PROMPT, generator=torch.manual_seed(0), **args)
+
+
+def test_intervene_words_follow_each_rows_prompt(pipe):
+    """With two prompts × 2 images, ``ZeroText(words=["green"], branch="cond")`` zeroes only the rows whose prompt has it."""
+    prompts = [PROMPT, "a green triangle"]
+    args = dict(num_images_per_prompt=2, num_inference_steps=1, guidance_scale=5.0, **KW)
+    lay = mp.prompt_layout(pipe, prompts[1], height=32, width=40, max_sequence_length=12)
+    pos = [p - lay.text_slice.start for p in lay.word_positions("green")]
+
+    def zero(module, a, kw):
+        ehs = kw["encoder_hidden_states"].clone()
+        ehs[6:, pos] = 0  # [uncond x4, cond x4]: the cond rows of the second prompt
+        return a, {**kw, "encoder_hidden_states": ehs}
+
+    h = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(zero, with_kwargs=True)
+    try:
+        reference = pipe(prompts, generator=torch.manual_seed(0), **args).images
+    finally:
+        h.remove()
+    with mp.intervene(pipe, mp.ZeroText(layers=[0], words=["green"], branch="cond")):
+        out = pipe(prompts, generator=torch.manual_seed(0), **args).images
+    assert torch.equal(out, reference)

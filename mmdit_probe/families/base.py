@@ -14,13 +14,10 @@ import torch
 from ..context import CallContext
 from ..layout import TokenLayout, stream_slices
 
-#: Site kinds: two streams joined in the kernel; one already-joined stream; image tokens only.
-SITE_KINDS = ("joint", "single", "image")
-
-
 @dataclass(frozen=True)
 class Site:
-    """One attention module: layer (block index in execution order), ``"attn"``/``"attn2"``, kind and module path.
+    """One attention module: layer (block index in execution order), ``"attn"``/``"attn2"``, kind (``"joint"``:
+    two streams joined in the kernel; ``"single"``: an already-joined stream; ``"image"``: image tokens only), path.
 
     ``name`` is its stable hook name (the module path inside the transformer).
     """

@@ -37,7 +37,7 @@ def _masses(call: "AttentionCall", q, k, lse) -> tuple[torch.Tensor, torch.Tenso
 class Mass(Statistic):
     """Quadrant mass ``[B, H, query, key]``: mean over the query group of the probability on the key group."""
 
-    name, dims, value_name = "mass", ("head", "query", "key"), "mass"
+    name, dims = "mass", ("head", "query", "key")
 
     def coords(self):
         return {"query": QUERY_GROUPS, "key": QUERY_GROUPS}
@@ -58,7 +58,7 @@ class Mass(Statistic):
 class Entropy(Statistic):
     """Attention entropy (nats) per query group, ``[B, H, query]``."""
 
-    name, dims, value_name = "entropy", ("head", "query"), "entropy"
+    name, dims = "entropy", ("head", "query")
 
     def coords(self):
         return {"query": QUERY_GROUPS}
@@ -74,7 +74,7 @@ class KeyMass(Statistic):
     """Attention each key token receives, summed over image / text queries: ``[B, H, query, key_token]``
     at joint positions (attn2's columns placed at the image positions)."""
 
-    name, dims, value_name = "key_mass", ("head", "query", "key_token"), "mass"
+    name, dims = "key_mass", ("head", "query", "key_token")
 
     def coords(self):
         return {"query": QUERY_GROUPS}
@@ -94,7 +94,7 @@ class KeyMass(Statistic):
 class GroupMass(Statistic):
     """Mass on each key group (image, CLIP/T5 × real/special/padding): ``[B, H, query, key_group]``."""
 
-    name, dims, value_name = "group_mass", ("head", "query", "key_group"), "mass"
+    name, dims = "group_mass", ("head", "query", "key_group")
 
     def coords(self):
         return {"query": QUERY_GROUPS, "key_group": KEY_GROUPS}
@@ -132,7 +132,7 @@ class WordMap(Statistic):
     ``words``: ``True`` for every word of the prompts, or a list. Words are fixed at the first call.
     """
 
-    name, value_name, attentions = "word_map", "mass", ("attn",)
+    name, attentions = "word_map", ("attn",)
 
     def __init__(self, words: bool | Sequence[str] = True, heads: str = "mean"):
         if heads not in ("all", "mean"):

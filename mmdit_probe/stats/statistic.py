@@ -26,13 +26,12 @@ class Statistic:
     """Base class: set ``name`` and ``dims``, implement :meth:`compute`.
 
     ``attentions``: the attention kinds it applies to (``"attn"`` joint, ``"attn2"`` SD3.5's
-    image-only); ``value_name``: the value column of ``to_dataframe()``.
+    image-only). ``to_dataframe()`` names its value column ``value``.
     """
 
     name: str = ""
     dims: tuple[str, ...] = ()
     attentions: tuple[str, ...] = ("attn", "attn2")
-    value_name: str = "value"
 
     def coords(self) -> dict[str, tuple]:
         """Labels of (some of) ``dims``, known once recording started (default: integer positions)."""
