@@ -46,7 +46,11 @@ class HookedProcessor:
         return out, lse
 
     @torch.compiler.disable
+    @torch.no_grad()
     def _observe(self, n_image, n_text, q, k, v, out, lse):
+        """Observers see detached values (statistics never join the autograd graph)."""
+        if self.controller.context is None:  # a gradient-checkpointing recomputation: recorded once, in forward
+            return
         call = self._call(n_image, n_text, q)
         obs_q, obs_k = q, k
         for e in self.edits:

@@ -20,6 +20,11 @@ from .builder import ContextBuilder
 from .pag import PAG_PROCESSORS, PagObserver
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (where gradient checkpointing recomputes blocks)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class Handle:
     """Detaches what it was returned for; ``remove()`` is idempotent."""
 
@@ -45,6 +50,7 @@ class ProbeController:
         self.sites = self.family.sites(transformer)
         self.processors: dict[str, HookedProcessor] = {}
         self.context: CallContext | None = None
+        self.last_context: CallContext | None = None
         self._builder: ContextBuilder | None = None
         self._users: list[Any] = []
         self._originals: dict[str, Any] = {}
@@ -134,6 +140,8 @@ class ProbeController:
             p.needs_lse = bool(p.observers) or any(e.needs_lse for e in p.edits)
 
     def current_context(self) -> CallContext:
+        if self.context is None and self.last_context is not None and in_backward():
+            return self.last_context  # gradient checkpointing recomputes the last call's blocks inside backward()
         if self.context is None:
             raise RuntimeError(
                 "an attention call ran without a call context: the recorder / intervention was entered inside a "
@@ -175,7 +183,7 @@ class ProbeController:
                 self._builder.stop()
             self._hooks, self._originals, self.processors, self._builder = [], {}, {}, None
             self._listeners, self._observers, self._edits = [], {}, {}
-            self.context = None
+            self.context = self.last_context = None
             self.transformer.__dict__.pop(self._ATTR, None)
 
     @torch.compiler.disable
@@ -192,7 +200,7 @@ class ProbeController:
 
     @torch.compiler.disable
     def _post_hook(self, module, args, output):
-        self.context = None
+        self.last_context, self.context = self.context, None
         return None
 
     def _observe_swapped_processors(self) -> None:

@@ -37,6 +37,7 @@ class PagObserver:
         return out
 
     @torch.compiler.disable
+    @torch.no_grad()
     def _observe(self, attn, hs, ehs) -> None:
         ctx = self.controller.current_context()
         b, n_image = hs.shape[:2]
