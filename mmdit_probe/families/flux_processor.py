@@ -16,7 +16,6 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-from ..kernels import attention_with_lse
 from .base import Site
 from .hooked import HookedProcessor
 
@@ -53,19 +52,7 @@ class FluxProbeProcessor(HookedProcessor):
             if attention_mask is not None:
                 self._refuse_mask()
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S, D], the view SDPA receives
-            if self.edits:
-                q, k, v = self._edit_qkv(n_image, n_text, q, k, v)
-            if self.needs_lse:
-                out, lse = attention_with_lse(q, k, v)
-                if self.edits:
-                    out, lse = self._edit_attention(n_image, n_text, q, k, v, out, lse)
-                if self.observers:
-                    self._observe(n_image, n_text, q, k, v, out, lse)
-            else:
-                out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            if self.edits:
-                out = self._edit_heads(n_image, n_text, out)
-            hidden_states = out.transpose(1, 2)
+            hidden_states = self.attention(n_image, n_text, q, k, v).transpose(1, 2)
         else:
             hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
                                                   backend=self._attention_backend, parallel_config=self._parallel_config)

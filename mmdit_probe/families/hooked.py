@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from ..kernels import default_scale
+from ..kernels import attention_with_lse, default_scale
 from .base import AttentionCall, Site
 
 
@@ -25,6 +26,26 @@ class HookedProcessor:
         self.observers: tuple[Any, ...] = ()
         self.edits: tuple[Any, ...] = ()
         self.needs_lse = False
+
+    def attention(self, n_image: int, n_text: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Kernel, edits and observers on ``q, k, v [B, H, S, D]``; returns ``out [B, H, S, D]``.
+
+        Without observers or LSE-reading edits this is SDPA itself; otherwise the fused kernel that
+        SDPA runs, asked for its log-sum-exp (bitwise the same output on CPU).
+        """
+        if self.edits:
+            q, k, v = self._edit_qkv(n_image, n_text, q, k, v)
+        if self.needs_lse:
+            out, lse = attention_with_lse(q, k, v)
+            if self.edits:
+                out, lse = self._edit_attention(n_image, n_text, q, k, v, out, lse)
+            if self.observers:
+                self._observe(n_image, n_text, q, k, v, out, lse)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        if self.edits:
+            out = self._edit_heads(n_image, n_text, out)
+        return out
 
     # ---- per-call Python state: outside traced code -------------------------------------
     def _call(self, n_image: int, n_text: int, q: torch.Tensor, self_only: tuple[int, ...] = ()) -> AttentionCall:

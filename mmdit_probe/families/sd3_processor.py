@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..kernels import attention_with_lse
 from ..layout import stream_slices
 from .base import Site
 from .hooked import HookedProcessor
@@ -78,19 +76,7 @@ class ProbeProcessor(HookedProcessor):
     def _attend(self, attn, batch_size, head_dim, n_image, n_text, query, key, value, encoder_hidden_states):
         """Kernel, edits, observers, head merge and output projections (shared by both projection paths)."""
         order = self.controller.order
-        if self.edits:
-            query, key, value = self._edit_qkv(n_image, n_text, query, key, value)
-        if self.needs_lse:
-            out, lse = attention_with_lse(query, key, value)
-            if self.edits:
-                out, lse = self._edit_attention(n_image, n_text, query, key, value, out, lse)
-            if self.observers:
-                self._observe(n_image, n_text, query, key, value, out, lse)
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        if self.edits:
-            out = self._edit_heads(n_image, n_text, out)
-
+        out = self.attention(n_image, n_text, query, key, value)
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
