@@ -22,6 +22,7 @@ __all__ = [
     "CLIP_BOS",
     "CLIP_EOS",
     "clip_bpe",
+    "clip_tokenizer_from_bpe",
     "make_clip_tokenizer",
     "make_t5_tokenizer",
     "normalize_words",
@@ -178,3 +179,31 @@ def make_t5_tokenizer(words: Sequence[str] = DEFAULT_VOCAB, *, model_max_length:
         extra_ids=0,
         model_max_length=model_max_length,
     )
+
+
+def clip_tokenizer_from_bpe(bpe_path: str, directory: str, *, pad_token: str = CLIP_EOS,
+                            model_max_length: int = 77) -> CLIPTokenizer:
+    """The real CLIP tokenizer, offline, from OpenAI's ``bpe_simple_vocab_16e6.txt.gz``.
+
+    Writes ``vocab.json`` and ``merges.txt`` into ``directory`` and loads them, building the encoder the
+    way OpenAI's ``SimpleTokenizer`` does: the 256 byte symbols (``bytes_to_unicode``), the same with
+    ``</w>``, one token per merge (the first ``49152 - 256 - 2`` merge lines), then
+    ``<|startoftext|>`` = 49406 and ``<|endoftext|>`` = 49407. The ``open-clip-torch`` package ships
+    that file (``open_clip/bpe_simple_vocab_16e6.txt.gz``).
+    """
+    import gzip
+    import json
+    import os
+
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [CLIP_BOS, CLIP_EOS]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return CLIPTokenizer.from_pretrained(directory, pad_token=pad_token, model_max_length=model_max_length)

@@ -119,6 +119,10 @@ class Family:
         """The part of one text-stream row ``[n_text, C]`` that equals a prompt's ``hidden [L, C']`` (None: cannot)."""
         raise NotImplementedError
 
+    def prompt_text(self, pipe: Any, ids: list[int], second_ids: list[int] | None) -> str:
+        """The prompt text recovered from the ids the encoders saw (the pipeline does not keep the string)."""
+        raise NotImplementedError
+
     def layout(self, pipe: Any, ids: list[int], second_ids: list[int] | None, grid: tuple[int, int],
                n_text: int, prompt: str) -> TokenLayout:
         raise NotImplementedError

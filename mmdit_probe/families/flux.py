@@ -63,6 +63,9 @@ class FluxFamily(Family):
     def row_text(self, row, hidden):
         return row if row.shape == hidden.shape else None
 
+    def prompt_text(self, pipe, ids, second_ids):
+        return pipe.tokenizer_2.decode(ids, skip_special_tokens=True).strip()
+
     def layout(self, pipe, ids, second_ids, grid, n_text, prompt):
         return TokenLayout.from_t5_ids(grid, ids, pipe.tokenizer_2, order=self.order, prompt=prompt)
 

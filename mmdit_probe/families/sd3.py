@@ -82,6 +82,16 @@ class SD3Family(Family):
         return TokenLayout.from_prompt(pipe, prompt, height=height, width=width,
                                        max_sequence_length=256 if max_sequence_length is None else max_sequence_length)
 
+    def prompt_text(self, pipe, ids, second_ids):
+        """T5's decoding when T5 saw the whole prompt with no unknown piece (SentencePiece keeps the
+        prompt's spacing: ``left-hand``, ``joe's``), else CLIP's (byte-level: every character survives, but its
+        pre-tokenizer splits ``left-hand`` into three words). For exact words pass ``layout=mp.prompt_layout(...)``."""
+        tok3 = getattr(pipe, "tokenizer_3", None)
+        if (second_ids is not None and tok3 is not None and tok3.pad_token_id in second_ids
+                and tok3.unk_token_id not in second_ids):
+            return tok3.decode(second_ids, skip_special_tokens=True).strip()
+        return pipe.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
     def layout(self, pipe, ids, second_ids, grid, n_text, prompt):
         return TokenLayout.from_ids(grid, ids, pipe.tokenizer, second_ids, getattr(pipe, "tokenizer_3", None),
                                     t5_length=n_text - CLIP_LENGTH, order=self.order, prompt=prompt)

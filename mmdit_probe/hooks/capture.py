@@ -110,8 +110,7 @@ class PromptCapture:
         second = None if enc.second_ids is None else tuple(enc.second_ids[p].tolist())
         key = (ids, second, tuple(image_grid), n_text)
         if key not in self._layout_cache:
-            tokenizer = getattr(self.pipe, self.family.tokenizer)
-            prompt = tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+            prompt = self.family.prompt_text(self.pipe, list(ids), None if second is None else list(second))
             self._layout_cache[key] = self.family.layout(
                 self.pipe, list(ids), None if second is None else list(second), image_grid, n_text, prompt)
         return self._layout_cache[key]
