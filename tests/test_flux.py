@@ -174,3 +174,4 @@ def test_zero_text_word_on_single_stream_block(pipe):
     with mp.intervene(pipe, mp.ZeroText(layers=[2], words=["red"])):
         out = pipe(PROMPT, generator=torch.manual_seed(0), **KW).images
     assert torch.equal(out, reference)
+

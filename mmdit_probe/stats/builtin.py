@@ -13,7 +13,7 @@ import torch
 
 from ..context import CallContext, CallContextError
 from ..kernels import complement_mass, entropy, key_column_mass, key_set_mass, lse_over_keys
-from ..layout import KEY_GROUPS, QUERY_GROUPS, TokenLayout, normalise_word, stream_slices
+from ..layout import KEY_GROUPS, QUERY_GROUPS, TokenLayout, WordTruncatedError, normalise_word, stream_slices
 from .statistic import Statistic
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -158,6 +158,14 @@ class WordMap(Statistic):
         if self.requested is True:
             return tuple(present)
         missing = [w for w in self.requested if normalise_word(w) not in present]
+        for lay in layouts:  # a word the encoders cut off says so (WordTruncatedError), not "not in the prompt"
+            for w in missing:
+                try:
+                    lay.word_positions(w)
+                except WordTruncatedError:
+                    raise
+                except KeyError:
+                    pass
         if missing:
             raise KeyError(f"word(s) {missing} not in the prompt; words present: {', '.join(present)}")
         return tuple(normalise_word(w) for w in self.requested)
