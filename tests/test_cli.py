@@ -92,8 +92,9 @@ def test_corrupt_results_file(tmp_path, capsys):
     bad.write_bytes(b"\x00not a safetensors file")
     for cmd in ("show", "plot"):
         assert cli.main([cmd, str(bad)]) == 2
-        err = capsys.readouterr().err
-        assert "error:" in err and "not a readable mmdit_probe results file" in err and "Traceback" not in err
+        err = capsys.readouterr().err  # the ResultsFileError's own wording (io.py), whatever it is: one line
+        assert err.startswith(f"mmdit-probe {cmd}: error: ") and str(bad) in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_register_extra_subcommand(capsys):
@@ -141,6 +142,69 @@ def test_sweep_writes_table_and_figures_and_resumes(tmp_path, capsys):
     again = pd.read_csv(out / "sweep.csv")
     assert len(again) == len(df) and sorted(again.spec_index.unique()) == [0, 1, 2, 3]
     assert cli.main(argv + ["--metric", "velocity_mse"]) == 2 and "unknown --metric" in capsys.readouterr().err
+
+
+def _sweep_argv(out, *extra):
+    return ["sweep", "--model", "tiny", "--steps", "2", "--seeds", "0", "--out", str(out), "--strip", "0",
+            "--no-progress", *extra]
+
+
+@pytest.fixture
+def swept(tmp_path, capsys):
+    """A finished skip-layers sweep made with --seeds 0 --steps 2: its folder."""
+    out = tmp_path / "sweep"
+    assert cli.main(_sweep_argv(out)) == 0
+    capsys.readouterr()
+    return out
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--seeds", "0", "1", "--steps", "3"], "--steps: 2 recorded, 3 now"),
+    (["--kind", "zero-text"], "--kind: 'skip-layers' recorded, 'zero-text' now"),
+    (["--model", "tiny-sd35"], "--model: 'tiny' recorded, 'tiny-sd35' now"),
+    (["--prompt", "a blue square"], "--prompt: "),  # replaces the default prompt: only adding is allowed
+    (["--guidance", "1"], "--guidance: 5.0 recorded, 1.0 now"),
+])
+def test_sweep_resume_with_other_settings_is_refused(swept, change, named, capsys, monkeypatch):
+    before = (swept / "sweep.csv").read_bytes()
+    import mmdit_probe.models
+
+    monkeypatch.setattr(mmdit_probe.models, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    assert cli.main(_sweep_argv(swept, "--resume", *change)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmdit-probe sweep: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert named in err and f"--out {swept}-2" in err and str(swept) in err, err
+    assert (swept / "sweep.csv").read_bytes() == before
+
+
+def test_sweep_resume_checks_resolved_defaults_too(swept, capsys):
+    """--steps left out: the tiny model's default (8) is not the recorded 2, found once the model loads."""
+    argv = [a for a in _sweep_argv(swept, "--resume") if a not in ("--steps", "2")]
+    assert cli.main(argv) == 2
+    assert "--steps: 2 recorded, 8 now" in capsys.readouterr().err
+
+
+def test_sweep_resume_adds_seeds(swept, capsys):
+    assert cli.main(_sweep_argv(swept, "--resume", "--seeds", "0", "1")) == 0
+    df = pd.read_csv(swept / "sweep.csv")
+    assert sorted(df.seed.unique()) == [0, 1] and not df.duplicated(["seed", "spec_index", "metric", "step"]).any()
+    assert "settings" in capsys.readouterr().out
+
+
+def test_sweep_damaged_table_is_one_line(swept, capsys):
+    csv = swept / "sweep.csv"
+    text = csv.read_text()
+    csv.write_text(text[:-5])  # cut mid-row: repaired with a warning, the run done again
+    assert cli.main(_sweep_argv(swept, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert f"mmdit-probe sweep: warning: {csv}: line {text.count(chr(10))} is cut off" in err, err
+    assert csv.read_text() == text
+    for damage, message in (("", "is empty"), (text.replace("latent_psnr,,", "latent_psnr,,x", 1), "is not a number"),
+                            (text + text.splitlines(keepends=True)[1], "repeats line 2")):
+        csv.write_text(damage)
+        assert cli.main(_sweep_argv(swept, "--resume")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mmdit-probe sweep: error: {csv}") and message in err and "Traceback" not in err, err
 
 
 # ----------------------------------------------------------------------------------- help and messages

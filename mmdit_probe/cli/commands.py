@@ -13,9 +13,13 @@ from typing import Any
 from PIL import Image
 
 from .. import AttentionRecorder, AttentionResult, MapSelection
-from .common import CLIError, Subcommand, add_model_arguments, generation_kwargs, get_pipeline, parse_int_list, set_progress
+from .common import (CLIError, Subcommand, add_model_arguments, check_map_steps, check_output_file, check_output_folder,
+                     generation_kwargs, get_pipeline, open_image, parse_int_list, set_progress, warn,
+                     warn_if_not_finite)
 
 DEMO_PROMPT = "a red circle left of a blue square"
+DEMO_FILES = ("result.safetensors", "result_summary.csv", "result_image.png", "quadrant_map.png", "word_maps.png",
+              "text_groups.png")
 
 
 # --------------------------------------------------------------------------------------- recording
@@ -39,6 +43,7 @@ def record_run(args: argparse.Namespace, *, groups: bool, words: bool, entropy: 
     pipe = get_pipeline(args.model, device=args.device, dtype=args.dtype)
     set_progress(pipe, args)
     kw = generation_kwargs(args, args.prompt, pipe)
+    check_map_steps(maps or [], getattr(args, "maps", []), kw["num_inference_steps"])
     with AttentionRecorder(pipe, groups=groups, words=words, entropy=entropy, key_mass=key_mass,
                            maps=maps or None) as rec:
         image = pipe(**kw).images[0]
@@ -46,6 +51,7 @@ def record_run(args: argparse.Namespace, *, groups: bool, words: bool, entropy: 
     res.meta["run"] = {"prompt": args.prompt, "model": args.model, "steps": kw["num_inference_steps"],
                        "seed": args.seed, "guidance": kw["guidance_scale"], "max_sequence_length": kw["max_sequence_length"],
                        "height": image.size[1], "width": image.size[0]}
+    warn_if_not_finite(args, res)
     return res, image
 
 
@@ -55,9 +61,14 @@ def summary_table(res: AttentionResult):
     return res.quadrant_table(by=("layer",), branch=branch)
 
 
-def _write_outputs(res: AttentionResult, image: Image.Image, results_path: Path) -> dict[str, Path]:
+def output_paths(results_path: Path) -> dict[str, Path]:
+    """The results file and the summary CSV and image written next to it."""
     stem = results_path.with_suffix("")
-    paths = {"results": results_path, "summary": Path(f"{stem}_summary.csv"), "image": Path(f"{stem}_image.png")}
+    return {"results": results_path, "summary": Path(f"{stem}_summary.csv"), "image": Path(f"{stem}_image.png")}
+
+
+def _write_outputs(res: AttentionResult, image: Image.Image, results_path: Path) -> dict[str, Path]:
+    paths = output_paths(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     res.meta.setdefault("run", {})["image"] = paths["image"].name
     res.save(results_path)
@@ -86,12 +97,10 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from .. import plot  # matplotlib / seaborn: heavy
 
-    out = Path(args.out)
+    out = check_output_folder(args.out, "--out", DEMO_FILES)
     res, image = record_run(args, groups=True, words=True)
     paths = _write_outputs(res, image, out / "result.safetensors")
-    paths["quadrant_map"] = out / "quadrant_map.png"
-    paths["word_maps"] = out / "word_maps.png"
-    paths["text_groups"] = out / "text_groups.png"
+    paths.update({name: out / f"{name}.png" for name in ("quadrant_map", "word_maps", "text_groups")})
     figs = [plot.quadrant_map(res, path=paths["quadrant_map"]),
             plot.word_maps(res, image=image, path=paths["word_maps"]),
             plot.text_group_breakdown(res, path=paths["text_groups"])]
@@ -125,6 +134,10 @@ def run_record(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise CLIError(f"--out must end in .safetensors, got {args.out!r}")
+    for path in output_paths(out).values():  # all before the model loads and the run
+        check_output_file(path, "--out")
+    if args.steps is not None:
+        check_map_steps(maps, args.maps, args.steps)
     res, image = record_run(args, groups=args.groups, words=args.words, entropy=args.entropy,
                             key_mass=args.key_mass, maps=maps)
     paths = _write_outputs(res, image, out)
@@ -151,14 +164,17 @@ def run_plot(args: argparse.Namespace) -> int:
     from .. import plot  # matplotlib / seaborn: heavy
 
     path = Path(args.results)
-    res = AttentionResult.load(path)
-    out = Path(args.out) if args.out else path.parent
-    branch = None if args.branch == "all" else args.branch
-    steps, layers = parse_int_list(args.steps, "step"), parse_int_list(args.layers, "layer")
     stem = path.with_suffix("").name
+    quad = args.quadrant.replace("->", "-").replace(">", "")
+    names = [f"{stem}_{n}.png" for n in ("quadrant_map", f"heads_{quad}", "text_groups", "word_maps")]
+    steps, layers = parse_int_list(args.steps, "step"), parse_int_list(args.layers, "layer")
+    res = AttentionResult.load(path)
+    out = check_output_folder(args.out or path.parent, "--out" if args.out else "the results file's folder", names)
+    given_image = open_image(args.image) if args.image else None
+    warn_if_not_finite(args, res)
+    branch = None if args.branch == "all" else args.branch
     paths: dict[str, Path] = {"quadrant_map": out / f"{stem}_quadrant_map.png"}
     figs = [plot.quadrant_map(res, branch=branch, path=paths["quadrant_map"])]
-    quad = args.quadrant.replace("->", "-").replace(">", "")
     paths["head_grid"] = out / f"{stem}_heads_{quad}.png"
     figs.append(plot.head_grid(res, args.quadrant, steps=steps, branch=branch, path=paths["head_grid"]))
     if "group_mass" in res.stats:
@@ -167,7 +183,7 @@ def run_plot(args: argparse.Namespace) -> int:
     else:
         print("note: no group masses recorded (record with --groups) - text-group figure skipped")
     if "word_map" in res.stats:
-        image = _find_image(res, path, args.image)
+        image = given_image if given_image is not None else _recorded_image(args, res, path)
         paths["word_maps"] = out / f"{stem}_word_maps.png"
         figs.append(plot.word_maps(res, words=args.words, image=image, layers=layers, steps=steps, branch=branch,
                                    path=paths["word_maps"]))
@@ -178,14 +194,17 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_image(res: AttentionResult, results_path: Path, given: str | None) -> Image.Image | None:
-    if given:
-        if not Path(given).is_file():
-            raise CLIError(f"--image {given!r} does not exist")
-        return Image.open(given)
+def _recorded_image(args: argparse.Namespace, res: AttentionResult, results_path: Path) -> Image.Image | None:
+    """The image recorded next to the results file, if it is there and readable (else a warning)."""
     name = res.meta.get("run", {}).get("image")
     candidate = results_path.parent / name if name else None
-    return Image.open(candidate) if candidate is not None and candidate.is_file() else None
+    if candidate is None or not candidate.is_file():
+        return None
+    try:
+        return open_image(candidate, "recorded image")
+    except CLIError as err:
+        warn(args, f"{err}; word maps drawn without it")
+        return None
 
 
 # ------------------------------------------------------------------------------------------- show
@@ -198,6 +217,7 @@ def _show_args(p: argparse.ArgumentParser) -> None:
 def run_show(args: argparse.Namespace) -> int:
     res = AttentionResult.load(args.results)
     print(format_result(res, args.results))
+    warn_if_not_finite(args, res)
     return 0
 
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from ..describe import describe, format_value
-from .common import CLIError, Subcommand, add_model_arguments, get_pipeline
+from .common import CLIError, Subcommand, add_model_arguments, check_output_file, get_pipeline
 
 
 def add_describe_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,8 @@ def run_describe(args: argparse.Namespace) -> int:
     if args.model_arg is not None and args.model not in ("default", args.model_arg):
         raise CLIError(f"two models given: MODEL {args.model_arg!r} and --model {args.model!r}; give one")
     args.model = args.model_arg or args.model
+    if args.output:
+        check_output_file(args.output, "--output")
     pipe = get_pipeline(args.model, device=args.device, dtype=args.dtype)
     desc = describe(pipe, args.prompt, args.height, args.width, args.max_sequence_length, args.steps)
     if args.format == "text":

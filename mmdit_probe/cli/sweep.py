@@ -1,19 +1,26 @@
 """``mmdit-probe sweep``: an ablation sweep (one spec per layer, or per layer × quadrant) into
 CSV/parquet, plus effect-by-layer, per-step effect and before/after image figures.
 
+OUT/sweep.settings.json records what the sweep was made with (:mod:`mmdit_probe.sweep_settings`, plus
+``--model``, ``--kind`` and ``--dtype``); ``--resume`` refuses other settings (``--prompt`` and ``--seeds``
+may be added), first from the options given, before the model loads, then from the resolved values.
 pandas, matplotlib and :mod:`mmdit_probe.plot` are imported inside the functions that use them (heavy).
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .. import QUADRANTS, run_pipeline
+from .. import QUADRANTS, __version__, run_pipeline
 from ..effect import resolve_metrics
-from ..sweep import knock_out_each_quadrant, skip_each_layer, sweep, zero_text_each_layer
-from .common import CLIError, Subcommand, add_model_arguments, generation_kwargs, get_pipeline
+from ..sweep import SweepSettingsError, knock_out_each_quadrant, skip_each_layer, sweep, zero_text_each_layer
+from ..sweep_settings import differences, format_differences, metric_settings, read_settings, settings_path
+from ..sweep_table import read_table
+from .common import (CLIError, Subcommand, add_model_arguments, check_output_folder, generation_kwargs, get_pipeline,
+                     int_in, parse_dtype, seed_int)
 
 KINDS = ("skip-layers", "zero-text", "knock-out")
 DEFAULT_PROMPT = "a red circle left of a blue square"
@@ -25,15 +32,17 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
                         "remove each attention quadrant (query->key) in each block")
     p.add_argument("--prompt", action="append", default=None,
                    help=f"prompt (repeatable; default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds; effects are spread over them")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1],
+                   help="seeds (0 to 2**64-1); effects are spread over them")
     p.add_argument("--out", default="out/sweep", help="output folder (sweep.csv, figures)")
     p.add_argument("--format", choices=("csv", "parquet"), default="csv",
                    help="table format; sweep.csv is always kept as the resumable checkpoint")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted sweep from OUT/sweep.csv (finished runs are skipped)")
+                   help="continue an interrupted sweep in OUT (finished runs are skipped); the settings must be those "
+                        "recorded in OUT/sweep.settings.json, except that --prompt and --seeds may add more")
     p.add_argument("--metric", default="image_mse", help="final-output metric of the effect-by-layer figure")
     p.add_argument("--step-metric", default="velocity_mse", help="per-step metric of the step-effect figure")
-    p.add_argument("--strip", type=int, default=4,
+    p.add_argument("--strip", type=int_in(0, 64), default=4,
                    help="images in the before/after strip (baseline + the most effective ablations; 0: none)")
     add_model_arguments(p)
 
@@ -51,6 +60,56 @@ def sweep_specs(kind: str, pipe: Any) -> tuple[list, Any]:
     raise CLIError(f"unknown --kind {kind!r}; use one of {', '.join(KINDS)}")
 
 
+FILES = ("sweep.csv", "sweep.settings.json", "sweep.parquet", "effect_by_layer.png", "step_effects.png",
+         "image_strip.png")
+#: settings file key -> the option that sets it
+FLAGS = {"extra.model": "--model", "extra.kind": "--kind", "extra.dtype": "--dtype", "prompts": "--prompt",
+         "seeds": "--seeds", "call.num_inference_steps": "--steps", "call.guidance_scale": "--guidance",
+         "call.height": "--height", "call.width": "--width", "call.max_sequence_length": "--max-sequence-length",
+         "model": "model weights (fingerprint)", "mmdit_probe": "mmdit_probe version"}
+CALL_OPTIONS = {"steps": "num_inference_steps", "guidance": "guidance_scale", "height": "height", "width": "width",
+                "max_sequence_length": "max_sequence_length"}
+
+
+def _refuse(out: Path, diffs: list) -> CLIError:
+    n = 2
+    while Path(f"{out}-{n}").exists():
+        n += 1
+    return CLIError(f"{out} holds a sweep made with other settings ({format_differences(diffs, FLAGS)}); resume it "
+                    f"with the recorded settings (--prompt and --seeds may only add more), or start a new sweep "
+                    f"with another --out, e.g. --out {out}-{n}")
+
+
+def _extra(args: argparse.Namespace) -> dict:
+    """The CLI's own settings recorded with the sweep (``--dtype`` by its canonical name: bf16 = bfloat16)."""
+    dtype = parse_dtype(args.dtype)
+    return {"model": args.model, "kind": args.kind, "dtype": None if dtype is None else str(dtype).split(".")[-1]}
+
+
+def _check_resume(args: argparse.Namespace, out: Path, prompts: list[str]) -> None:
+    """Before the model loads: an existing sweep in ``out`` needs --resume and the options it was made with."""
+    csv, spath = out / "sweep.csv", settings_path(out / "sweep.csv")
+    if not csv.exists() and not spath.exists():
+        return
+    if not args.resume:
+        raise CLIError(f"{csv if csv.exists() else spath} exists: pass --resume to continue that sweep, or choose "
+                       f"another --out")
+    if not spath.exists():
+        raise CLIError(f"{csv} has no {spath.name} next to it (made by an older mmdit_probe): what it was made with "
+                       f"cannot be checked, so it is not resumed; start a new sweep with another --out")
+    recorded = read_settings(spath)
+    given = {"mmdit_probe": __version__, "prompts": prompts, "seeds": args.seeds, "extra": _extra(args),
+             "metrics": metric_settings(resolve_metrics(None)),
+             "call": {k: getattr(args, a) for a, k in CALL_OPTIONS.items() if getattr(args, a) is not None}}
+    diffs = differences(recorded, given, partial=True)
+    if diffs:
+        raise _refuse(out, diffs)
+    if csv.exists():
+        with warnings.catch_warnings():  # the sweep reads it again and warns then
+            warnings.simplefilter("ignore")
+            read_table(csv, recorded)
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt  # heavy: only when drawing
 
@@ -63,22 +122,33 @@ def run_sweep(args: argparse.Namespace) -> int:
             raise CLIError(f"unknown {opt} {name!r}; choose one of {', '.join(ok)}")
     if args.format == "parquet":
         _check_parquet()
-    out = Path(args.out)
-    csv = out / "sweep.csv"
-    if csv.exists() and not args.resume:
-        raise CLIError(f"{csv} exists: pass --resume to continue that sweep, or choose another --out")
     prompts = args.prompt or [DEFAULT_PROMPT]
+    for what, values in (("--prompt", prompts), ("--seeds", args.seeds)):
+        if len(set(values)) != len(values):
+            raise CLIError(f"{what}: {sorted({v for v in values if values.count(v) > 1}, key=str)} given more than "
+                           f"once; give each once")
+    out = check_output_folder(args.out, "--out", FILES)
+    csv = out / "sweep.csv"
+    _check_resume(args, out, prompts)
     pipe = get_pipeline(args.model, device=args.device, dtype=args.dtype)
     pipe.set_progress_bar_config(disable=True)  # one bar over the whole sweep instead
     call = generation_kwargs(args, prompts[0], pipe)
     for k in ("prompt", "generator"):
         call.pop(k)
+    scale = getattr(pipe, "default_sample_size", None), getattr(pipe, "vae_scale_factor", None)
+    if None not in scale:  # the size recorded even when the model's default is used
+        call.setdefault("height", scale[0] * scale[1])
+        call.setdefault("width", scale[0] * scale[1])
     specs, columns = sweep_specs(args.kind, pipe)
     out.mkdir(parents=True, exist_ok=True)
     print(f"sweep: {len(specs)} ablations x {len(prompts)} prompt(s) x {len(args.seeds)} seed(s) "
           f"({args.kind}, {call['num_inference_steps']} steps)")
-    df = sweep(pipe, prompts, specs, seeds=args.seeds, save_to=csv, resume=True, progress=not args.no_progress, **call)
-    paths = {"table": csv}
+    try:
+        df = sweep(pipe, prompts, specs, seeds=args.seeds, save_to=csv, resume=True, progress=not args.no_progress,
+                   settings=_extra(args), **call)
+    except SweepSettingsError as err:
+        raise _refuse(out, err.differences) from None
+    paths = {"table": csv, "settings": settings_path(csv)}
     if args.format == "parquet":
         paths["parquet"] = out / "sweep.parquet"
         df.to_parquet(paths["parquet"], index=False)
