@@ -1,6 +1,6 @@
 """Save/load results without pickle: one safetensors file, coordinates and layouts as JSON in its header.
 
-Tensors ``stat/<name>``, ``map/<i>`` (float32); header metadata ``"mmdit_probe"`` (JSON: format, version,
+Tensors ``stat/<name>``, ``map/<i>`` (float32), ``recorded/<name>`` (uint8: which entries were recorded); header metadata ``"mmdit_probe"`` (JSON: format, version,
 stats, maps, layouts, meta) and, from version 2, ``"mmdit_probe.sha256"`` (:func:`checksum`). Versions:
 1 (no checksum) loads with a ``UserWarning``; upgrade it with ``AttentionResult.load(path).save(path)``.
 2 (this release) is verified on every load. Newer versions are refused with a hint to upgrade mmdit_probe.
@@ -162,7 +162,10 @@ def save_result(result, path) -> str:
             "dims": list(st.dims),
             "coords": {d: _jsonable(c) for d, c in st.coords.items()},
             "aux": {k: [d, _jsonable(v)] for k, (d, v) in st.aux.items()},
+            "recorded": st.recorded is not None,
         }
+        if st.recorded is not None:  # which entries were recorded (NaN elsewhere means "not recorded")
+            tensors[f"recorded/{name}"] = st.recorded.to(torch.uint8).cpu().contiguous()
     for i, (key, t) in enumerate(result.maps.items()):
         tensors[f"map/{i}"] = t.detach().float().cpu().contiguous()
         header["maps"].append({"key": list(key), "tensor": f"map/{i}", **result.map_meta.get(key, {})})
@@ -215,6 +218,11 @@ def _validate(header: dict, tensors: dict[str, torch.Tensor]) -> None:
         _check(t.is_floating_point() and t.dim() == len(dims),
                f"{where}: tensor {tuple(t.shape)} does not match dims {dims}")
         size = dict(zip(dims, t.shape))
+        _check(isinstance(d.get("recorded", False), bool), f"{where}.recorded must be true or false")
+        if d.get("recorded", False):
+            m = tensors.get(f"recorded/{name}")
+            _check(m is not None and m.dtype == torch.uint8 and m.shape == t.shape,
+                   f"{where}: tensor 'recorded/{name}' is missing or not a uint8 mask shaped like the values")
         _check(isinstance(coords, dict) and isinstance(aux, dict), f"{where}: coords and aux must be objects")
         for dim, labels in coords.items():
             _check(dim in size and _is_list(labels, _is_label, size[dim]), f"{where}.coords.{dim}: not a dim, "
@@ -311,7 +319,8 @@ def read_result(path) -> tuple[dict, dict, dict, list, dict]:
     for name, d in header["stats"].items():
         coords = {k: tuple(v) for k, v in d.get("coords", {}).items()}
         aux = {k: (v[0], tuple(v[1])) for k, v in d.get("aux", {}).items()}
-        stats[name] = Stat(tensors[f"stat/{name}"], tuple(d["dims"]), coords, aux)
+        mask = tensors[f"recorded/{name}"].bool() if d.get("recorded", False) else None
+        stats[name] = Stat(tensors[f"stat/{name}"], tuple(d["dims"]), coords, aux, mask)
     maps, map_meta = {}, {}
     for m in header["maps"]:
         key = tuple(m["key"])

@@ -180,11 +180,12 @@ class AttentionRecorder:
     # ---- per attention call -----------------------------------------------------------
     def observe(self, call: AttentionCall, q, k, v, out, lse) -> None:
         rec = self._rec
+        nonfinite = ~torch.isfinite(lse).flatten(1).all(1)  # [rows]: the model's own attention went non-finite
         for s in self.statistics:
             if call.site.attention in s.attentions:
                 value = s.compute(call, q, k, v, lse)
                 if value is not None:
-                    rec.add(call.site, s.name, value)
+                    rec.add(call.site, s.name, value, nonfinite)
         for m in self.maps:
             if m.matches(call.context.step, call.site.layer, call.site.attention):
                 self._record_map(m, call, q, k, lse)

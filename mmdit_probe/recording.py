@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import warnings
+
 import torch
 
 from .context import CallContext
@@ -35,7 +37,7 @@ class Recording:
         self.row_layout: list[TokenLayout | None] = []
         self.row_slots: tuple[int, ...] = ()
         self.step_slot = -1
-        self.records: dict[str, list[tuple[int, Site, tuple[int, ...], torch.Tensor]]] = {}
+        self.records: dict[str, list[tuple[int, Site, tuple[int, ...], torch.Tensor, torch.Tensor]]] = {}
         self.maps: dict[tuple[int, int, str, str], torch.Tensor] = {}
         self.map_meta: dict[tuple[int, int, str, str], dict] = {}
         self._bytes: dict[str, int] = {}
@@ -65,8 +67,9 @@ class Recording:
         if self.grid is None:
             self.grid, self.n_text = ctx.latent_hw, ctx.n_text
 
-    def add(self, site: Site, name: str, value: torch.Tensor) -> None:
-        self.records.setdefault(name, []).append((self.step_slot, site, self.row_slots, value))
+    def add(self, site: Site, name: str, value: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        """``value [rows, ...]`` of one attention call; ``nonfinite [rows]``: the model's attention was non-finite there."""
+        self.records.setdefault(name, []).append((self.step_slot, site, self.row_slots, value, nonfinite))
         self._bytes[name] = self._bytes.get(name, 0) + value.numel() * value.element_size()
 
     def add_map(self, where: tuple[int, str, str], p: torch.Tensor, rows: list[int], heads: list[int]) -> None:
@@ -82,6 +85,21 @@ class Recording:
     def held_bytes(self, names: Sequence[str] | None = None) -> int:
         """Bytes of recorded values (of ``names``; all by default)."""
         return sum(b for n, b in self._bytes.items() if names is None or n in names)
+
+
+def _warn_non_finite(mass: Stat | None) -> None:
+    """Warn, naming steps and layers, where the model itself produced non-finite attention."""
+    if mass is None or mass.recorded is None:
+        return
+    bad = mass.recorded & ~torch.isfinite(mass.values)
+    if not bad.any():
+        return
+    steps = sorted({int(i) for i in bad.nonzero()[:, 0].tolist()})
+    layers = sorted({int(i) for i in bad.nonzero()[:, 1].tolist()})
+    warnings.warn(
+        f"the model produced non-finite attention (NaN/inf) at steps {steps}, layers {layers}: these entries are "
+        f"recorded as NaN (to_dataframe keeps them; entries never recorded are dropped). Check the inputs/latents "
+        f"(a diverged run), the dtype, or the weights.", RuntimeWarning, stacklevel=4)
 
 
 def assemble(rec: Recording | None, layers: Sequence[int]) -> AttentionResult:
@@ -111,12 +129,19 @@ def assemble(rec: Recording | None, layers: Sequence[int]) -> AttentionResult:
         else:
             shape, device = tuple(entries[0][3].shape[1:]), entries[0][3].device
         t = torch.full((n_steps, n_layers, len(attentions), n_rows) + shape, float("nan"), device=device)
-        for step, site, rows, value in entries or ():
+        broken = torch.zeros((n_steps, n_layers, len(attentions), n_rows), dtype=torch.bool, device=device)
+        for step, site, rows, value, nonfinite in entries or ():
             idx = torch.tensor(rows, dtype=torch.long, device=device)
-            t[step, site.layer, attentions.index(site.attention)].index_copy_(0, idx, value.to(t.dtype))
+            a = attentions.index(site.attention)
+            t[step, site.layer, a].index_copy_(0, idx, value.to(t.dtype))
+            broken[step, site.layer, a].index_copy_(0, idx, nonfinite.to(device))
+        # recorded = a value, or NaN in a row whose attention the model itself made non-finite; NaN elsewhere is
+        # "not recorded" (a layer not selected, attn2's text rows, a word absent from a row's prompt)
+        recorded = ~torch.isnan(t) | broken.reshape(broken.shape + (1,) * len(shape)).expand(t.shape)
         coords = {**base, "attention": attentions, **s.coords()}
         dims = LEAD_DIMS + tuple(s.dims)
-        stats[s.name] = Stat(t.cpu(), dims, {d: tuple(c) for d, c in coords.items() if d in dims}, aux)
+        stats[s.name] = Stat(t.cpu(), dims, {d: tuple(c) for d, c in coords.items() if d in dims}, aux, recorded.cpu())
+    _warn_non_finite(stats.get("mass"))
     cfg = ctl.transformer.config
     meta = {
         "model": type(ctl.transformer).__name__, "family": ctl.family.name,

@@ -146,7 +146,7 @@ class AttentionResult:
             df = df[df["branch"] == branch]
         df = df[df["attention"] == attention]
         df = df.assign(quadrant=df["query"] + "->" + df["key"])
-        return df.pivot_table(index=list(by), columns="quadrant", values="mass", aggfunc="mean")
+        return df.pivot_table(index=list(by), columns="quadrant", values="mass", aggfunc="mean", dropna=False)
 
     # ---- maps -------------------------------------------------------------------------
     def attention_map(self, step: int, layer: int, query: str, key: str, attention: str = "attn") -> torch.Tensor:

@@ -195,3 +195,31 @@ def test_recording_bf16_is_bitwise_identical_on_cpu(variant):
     with mp.AttentionRecorder(pipe, groups=True, words=True):
         rec = pipe(PROMPT, generator=torch.manual_seed(0), **kw).images
     assert base.dtype == torch.bfloat16 and torch.equal(base, rec)
+
+
+def test_model_nan_is_recorded_not_dropped():
+    """A diverged run: every mass is NaN. Recorded NaN stays in the table (with a warning naming steps and layers);
+    entries never recorded (unselected layers, attn2's text rows) stay absent."""
+    pipe = mp.tiny_sd3_pipeline("sd35", seed=1)
+    with torch.no_grad():
+        pipe.transformer.pos_embed.proj.weight.fill_(float("nan"))
+    with pytest.warns(RuntimeWarning, match=r"non-finite attention \(NaN/inf\) at steps \[0, 1\], layers \[0, 1\]"):
+        with mp.AttentionRecorder(pipe, layers=[0, 1]) as rec:
+            pipe(PROMPT, guidance_scale=5.0, generator=torch.manual_seed(0), **KW)
+    res = rec.result
+    df = res.to_dataframe()
+    assert len(df) > 0 and df["mass"].isna().all() and set(df["layer"]) == {0, 1}
+    attn = df[df["attention"] == "attn"]
+    assert len(attn) == 2 * 2 * 2 * 4 * 4  # steps x layers x rows x heads x (query, key)
+    table = res.quadrant_table()
+    assert list(table.index) == [0, 1] and table.isna().all().all()
+    back = mp.AttentionResult.load(res.save(pytest.importorskip("pathlib").Path(__import__("tempfile").mkdtemp()) / "r.safetensors"))
+    assert len(back.to_dataframe()) == len(df)
+
+
+def test_healthy_run_drops_only_unrecorded_entries(pipe):
+    with mp.AttentionRecorder(pipe, layers=[1]) as rec:
+        pipe(PROMPT, guidance_scale=5.0, generator=torch.manual_seed(0), **KW)
+    st = rec.result.mass
+    df = rec.result.to_dataframe()
+    assert len(df) == int(torch.isfinite(st.values).sum()) and df["mass"].notna().all()

@@ -45,9 +45,9 @@ class Mass(Statistic):
     def compute(self, call, q, k, v, lse):
         img, txt = call.image_slice, call.text_slice
         to_image, to_text = _masses(call, q, k, lse)
-        if not call.n_text:  # attn2: image-only, all mass on image keys
+        if not call.n_text:  # attn2: image-only, all mass on image keys (where the model's attention is finite)
             out = _nan(*q.shape[:2], 2, 2, device=q.device)
-            out[..., 0, 0] = 1.0
+            out[..., 0, 0] = torch.where(torch.isfinite(lse).all(-1), 1.0, float("nan"))
             return out
         return torch.stack([
             torch.stack([to_image[..., img].mean(-1), to_text[..., img].mean(-1)], -1),
