@@ -125,6 +125,12 @@ class AttentionResult:
         meta = {k: {**m, "batch": [new[b] for b in m.get("batch", []) if b in new]} for k, m in self.map_meta.items()}
         return AttentionResult(stats, self.maps, meta, self.layouts, self.meta)
 
+    def explore(self, *args: Any, **kwargs: Any):
+        """An interactive HTML page of this result (inline in Jupyter; ``path=`` writes it): see :func:`mmdit_probe.explorer`."""
+        from .explorer import explore  # the explorer builds on results; results do not need it to load
+
+        return explore(self, *args, **kwargs)
+
     def to_xarray(self, stat: str = "mass"):
         """One statistic as an ``xarray.DataArray`` (dims, label coordinates, aux coordinates such as branch)."""
         import xarray as xr
