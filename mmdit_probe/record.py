@@ -147,8 +147,23 @@ class AttentionRecorder:
     def _on_call(self, ctx: CallContext) -> None:
         for s in self.statistics:
             s.begin(ctx)
+        if ctx.step == 0 and ctx.kind == "main":
+            self._check_map_selections(ctx)
         self._check_budget(ctx)
         self._rec.start_call(ctx)
+
+    def _check_map_selections(self, ctx: CallContext) -> None:
+        """Before a run computes: map steps the run does not have, or batch rows it cannot have, are refused."""
+        for m in self.maps:
+            late = [s for s in m.steps or () if ctx.n_steps is not None and s >= ctx.n_steps]
+            if late:
+                raise ValueError(f"{m}: steps {late} out of range: this run has {ctx.n_steps} denoising steps "
+                                 f"(0..{ctx.n_steps - 1}); nothing would be recorded for them")
+            rows = len(self._rec.row_keys) + ctx.batch * (2 if ctx.pipeline else 1)  # room for SLG's extra rows
+            far = [b for b in m.batch or () if b >= rows]
+            if far:
+                raise ValueError(f"{m}: batch rows {far} out of range: this run has rows 0..{ctx.batch - 1} "
+                                 f"({', '.join(ctx.branches)}{' + slg rows' if ctx.pipeline else ''})")
 
     def _check_budget(self, ctx: CallContext) -> None:
         """Full maps and word maps: whole-run estimate at a run's first call, then the running total."""

@@ -223,3 +223,17 @@ def test_healthy_run_drops_only_unrecorded_entries(pipe):
     st = rec.result.mass
     df = rec.result.to_dataframe()
     assert len(df) == int(torch.isfinite(st.values).sum()) and df["mass"].notna().all()
+
+
+@pytest.mark.parametrize("sel, match", [(dict(steps=[5]), "steps \\[5\\] out of range: this run has 2"),
+                                        (dict(batch=[9]), "batch rows \\[9\\] out of range")])
+def test_map_selection_outside_the_run_is_refused_before_compute(pipe, sel, match):
+    calls = []
+    h = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=match):
+            with mp.AttentionRecorder(pipe, maps=mp.MapSelection("image->text", **sel)):
+                pipe(PROMPT, guidance_scale=5.0, generator=torch.manual_seed(0), **KW)
+    finally:
+        h.remove()
+    assert calls == []  # refused before any block ran
