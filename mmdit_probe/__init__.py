@@ -23,6 +23,7 @@ from .effect import DEFAULT_METRICS, Metric, cosine, mse, psnr, run_pipeline, ru
 from .sweep import ablate_each_head, knock_out_each_quadrant, skip_each_layer, sweep, zero_text_each_layer
 from .sweep_settings import SweepFileError, SweepSettingsError
 from .explorer import Explorer, ExploreBudgetError, explore
+from .study import study
 from .steps import Schedule, StepStudy, image_convergence, interpolate_at_sigmas, layer_groups, plot_mass_vs_sigma, schedule, step_count_study
 
 __version__ = "0.1.0"
@@ -58,5 +59,5 @@ __all__ = [
     "intervene", "Intervention", "check_specs", "AblateHeads", "KnockOut", "Patch", "SkipLayers", "Spec", "ZeroText",
     "AblationError", "ActivationCache", "HeadMeans", "record_activations", "record_head_means", "DEFAULT_METRICS",
     "Metric", "cosine", "mse", "psnr", "run_pipeline", "run_with_effects", "sweep", "skip_each_layer",
-    "zero_text_each_layer", "knock_out_each_quadrant", "ablate_each_head", "SweepSettingsError", "SweepFileError", "explore", "Explorer", "ExploreBudgetError",
+    "zero_text_each_layer", "knock_out_each_quadrant", "ablate_each_head", "SweepSettingsError", "SweepFileError", "explore", "Explorer", "ExploreBudgetError", "study",
 ]

@@ -23,14 +23,14 @@ import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 from .. import MapBudgetError, ResultsFileError, __version__
-from . import commands, describe, explore, shapes, sweep
+from . import commands, describe, explore, shapes, study, sweep
 from .common import PROG, CLIError, HelpFormatter, Subcommand
 
 __all__ = ["main", "build_parser", "register_subcommand", "SUBCOMMANDS", "Subcommand", "CLIError", "PROG"]
 
 #: name -> Subcommand, in the order shown by ``--help``.
 SUBCOMMANDS: dict[str, Subcommand] = {**commands.COMMANDS, **sweep.COMMANDS, **describe.COMMANDS, **explore.COMMANDS,
-                                       **shapes.COMMANDS}
+                                       **study.COMMANDS, **shapes.COMMANDS}
 
 
 def register_subcommand(name: str, add_arguments: Callable[[argparse.ArgumentParser], Any],
