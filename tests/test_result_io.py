@@ -356,3 +356,80 @@ def test_saved_file_follows_umask(result, tmp_path, umask):
         os.umask(old)
     for name in ("run.safetensors", "rows.csv"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------------------------------------- fuzz
+def _crafted_headers(meta: dict, header: dict) -> list[dict]:
+    """Headers a hostile or broken writer could produce: wrong dims, huge declared shapes, NaN, missing keys."""
+    import copy
+
+    out = []
+    for name in list(header["stats"])[:2]:
+        h = copy.deepcopy(header)
+        h["stats"][name]["dims"] = h["stats"][name]["dims"][:-1]
+        out.append(h)
+        h = copy.deepcopy(header)
+        h["stats"][name]["coords"] = {d: list(range(10 ** 6)) for d in h["stats"][name]["dims"][:1]}
+        out.append(h)
+        h = copy.deepcopy(header)
+        del h["stats"][name]["dims"]
+        out.append(h)
+    for key in ("stats", "maps", "layouts", "meta", "format", "version"):
+        h = copy.deepcopy(header)
+        h.pop(key, None)
+        out.append(h)
+    h = copy.deepcopy(header)
+    h["meta"]["image_grid"] = [float("nan"), 2]
+    out.append(h)
+    h = copy.deepcopy(header)
+    h["layouts"]["rows"] = [10 ** 9]
+    out.append(h)
+    return out
+
+
+def test_fuzz_loader_never_crashes_outside_results_file_error(good, tmp_path):
+    """Seeded fuzz: random truncations, byte flips and crafted headers never give anything but a clean load or
+    ``ResultsFileError`` (and nothing outside the folder is opened: the loader reads only the path it is given)."""
+    import random
+
+    rng = random.Random(0)
+    data = good.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    raw_meta = json.loads(data[8 : 8 + n])
+    header = json.loads(raw_meta["__metadata__"]["mmdit_probe"])
+    cases: list[bytes] = []
+    for _ in range(60):  # truncations
+        cases.append(data[: rng.randrange(len(data))])
+    for _ in range(120):  # byte flips anywhere, header and tensor data alike
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+        cases.append(bytes(b))
+    for h in _crafted_headers(raw_meta, header):  # crafted headers, re-signed so the checksum passes where it can
+        m = dict(raw_meta)
+        m["__metadata__"] = {**raw_meta["__metadata__"], "mmdit_probe": json.dumps(h, allow_nan=True)}
+        blob = json.dumps(m).encode()
+        cases.append(len(blob).to_bytes(8, "little") + blob + data[8 + n :])
+    opened: list[str] = []
+    real_open = open
+
+    def spy_open(file, *a, **k):
+        opened.append(os.fspath(file))
+        return real_open(file, *a, **k)
+
+    loaded = refused = 0
+    for i, case in enumerate(cases):
+        p = tmp_path / f"case{i}.safetensors"
+        p.write_bytes(case)
+        try:
+            with pytest.MonkeyPatch.context() as mpatch:
+                mpatch.setattr("builtins.open", spy_open)
+                mpatch.setattr("io.open", spy_open)
+                mp.AttentionResult.load(p)
+            loaded += 1
+        except mp.ResultsFileError:
+            refused += 1
+        assert opened and all(Path(f).resolve().parent == tmp_path.resolve() for f in opened), opened
+        opened.clear()
+    assert refused >= len(cases) - 5 and loaded + refused == len(cases)
