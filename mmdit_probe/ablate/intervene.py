@@ -134,10 +134,7 @@ class Intervention:
         ctx = self.state if ctx is None else ctx
         if ctx is None or not spec.active(ctx):
             return None
-        rows = ctx.rows(spec.branch)
-        if isinstance(spec, Patch) and ctx.kind != "main":
-            return None  # sources hold the main calls only
-        return rows or None
+        return ctx.rows(spec.branch) or None
 
     # ---- hooks --------------------------------------------------------------------------
     def _skip_hook(self, spec: SkipLayers):

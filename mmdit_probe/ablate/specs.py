@@ -373,6 +373,10 @@ class Patch(Spec):
                 "`with mp.record_activations(pipe) as cache: pipe(clean_prompt, ...)`"
             )
 
+    def active(self, ctx: CallContext) -> bool:
+        """Only the main call of a step: the source recorded main calls only (SLG's extra call has other rows)."""
+        return ctx.kind == "main" and super().active(ctx)
+
     def describe(self) -> str:
         src = getattr(self.source, "name", "source")
         where = "" if self.stream == "pooled" else f" of {_blocks(self.layers)}"
