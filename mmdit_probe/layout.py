@@ -25,7 +25,8 @@ from functools import cached_property
 from typing import Any, Sequence
 
 import regex
-import torch
+
+from .tokenizers import _bytes_to_unicode
 
 ENCODERS = ("clip", "t5")
 KINDS = ("real", "special", "padding")
@@ -556,16 +557,5 @@ def _label(tokens: list[TextToken], real: list[int], pieces: list[_Piece], text:
 
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
-    from .tokenizers import _bytes_to_unicode
-
     return {u: b for b, u in _bytes_to_unicode().items()}
 
-
-def group_index_tensor(layout: TokenLayout, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``[n_tokens]`` long tensor: index into ``KEY_GROUPS`` of every joint position."""
-    idx = torch.zeros(layout.n_tokens, dtype=torch.long)
-    for g, name in enumerate(KEY_GROUPS):
-        pos = layout.group_positions(name)
-        if pos:
-            idx[pos] = g
-    return idx.to(device)
