@@ -79,6 +79,9 @@ class Family:
     """Base class of the family adapters (one instance per family; stateless)."""
 
     name = ""
+    #: the family as users name it, and its transformer class (both named in refusals)
+    label = ""
+    transformer_class = ""
     #: order of the two streams in the joint sequence the family's processors build
     order: tuple[str, str] = ("image", "text")
     #: the pipeline attribute of the text encoder whose output becomes the text stream (matched by value)
@@ -91,7 +94,7 @@ class Family:
     second_encoder = ""
 
     def matches(self, transformer: torch.nn.Module) -> bool:
-        raise NotImplementedError
+        return type(transformer).__name__ == self.transformer_class
 
     def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         """The transformer blocks in execution order (layer ``i`` = ``blocks[i]``)."""

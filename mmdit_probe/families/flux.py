@@ -20,12 +20,11 @@ _ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timest
 
 class FluxFamily(Family):
     name = "flux"
+    label = "Flux.1"
+    transformer_class = "FluxTransformer2DModel"
     order = ("text", "image")
     text_encoder = "text_encoder_2"  # T5: its last hidden state is the text stream
     tokenizer = "tokenizer_2"
-
-    def matches(self, transformer) -> bool:
-        return type(transformer).__name__ == "FluxTransformer2DModel"
 
     def blocks(self, transformer):
         return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)

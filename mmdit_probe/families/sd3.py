@@ -25,6 +25,8 @@ def argument(args: tuple, kwargs: dict, name: str, names: tuple[str, ...] = _ARG
 
 class SD3Family(Family):
     name = "sd3"
+    label = "SD3 / SD3.5"
+    transformer_class = "SD3Transformer2DModel"
     order = ("image", "text")
     text_encoder = "text_encoder"  # CLIP-L: its hidden state fills the first 77 × 768 text channels
     tokenizer = "tokenizer"
