@@ -104,6 +104,8 @@ class GroupMass(Statistic):
             context.layout(r)  # group masses need every row's layout: a clear error before compute
 
     def compute(self, call, q, k, v, lse):
+        """Image-key mass from the LSEs; text-group masses from one chunked ``q·k_textᵀ`` pass (text keys
+        only, never ``N×N``) summed into the groups by a per-row one-hot matrix."""
         B, H = q.shape[:2]
         img, txt = call.image_slice, call.text_slice
         to_image, _ = _masses(call, q, k, lse)
@@ -112,17 +114,45 @@ class GroupMass(Statistic):
         if not call.n_text:
             return out
         out[:, :, 1, 0] = to_image[..., txt].mean(-1)
-        layouts = call.context.layouts
-        for gi, group in enumerate(KEY_GROUPS[1:], start=1):
-            for rows, pos in rows_by_positions(layouts, lambda lay: lay.group_positions(group)).items():
-                r = list(rows)
-                if not pos:
-                    out[r, :, :, gi] = 0.0
-                    continue
-                m = key_set_mass(lse_over_keys(q[r], k[r][:, :, list(pos)], call.scale), lse[r])
-                out[r, :, 0, gi] = m[..., img].mean(-1)
-                out[r, :, 1, gi] = m[..., txt].mean(-1)
+        per_query = text_key_sums(q, k[:, :, txt], lse, call.scale, self._onehot(call, q.device))  # [B, H, N, G]
+        out[:, :, 0, 1:] = per_query[:, :, img].mean(-2)
+        out[:, :, 1, 1:] = per_query[:, :, txt].mean(-2)
         return out
+
+    @staticmethod
+    def _onehot(call, device) -> torch.Tensor:
+        """``[B, n_text, G]``: 1 where text position ``t`` (within the text stream) of row ``b`` is in group ``g``."""
+        layouts = call.context.layouts or []
+        onehot = torch.zeros(len(layouts), call.n_text, len(KEY_GROUPS) - 1)
+        start = call.text_slice.start
+        for row, lay in enumerate(layouts):
+            if lay is None:
+                raise CallContextError(f"batch row {row} has no token layout (the pipeline was given embeddings for it)")
+            for gi, group in enumerate(KEY_GROUPS[1:]):
+                pos = [p - start for p in lay.group_positions(group)]
+                onehot[row, pos, gi] = 1.0
+        return onehot.to(device)
+
+
+def text_key_sums(q: torch.Tensor, k_text: torch.Tensor, lse: torch.Tensor, scale: float,
+                  onehot: torch.Tensor) -> torch.Tensor:
+    """``Σ_{t ∈ g} P[i, t]`` per query ``i`` and key set ``g``: ``[B, H, N, G]`` (fp32).
+
+    ``q [B, H, N, D]``, ``k_text [B, H, T, D]``, ``lse [B, H, N]`` (over all keys), ``onehot [B, T, G]``.
+    ``P[i, t] = exp(s·q_i·k_t − LSE_i)`` is formed for the ``T`` text keys in query blocks of at most
+    ``_WORD_BLOCK_BYTES``; rows that attend nowhere (``LSE = −inf``) get 0.
+    """
+    B, H, N = q.shape[:3]
+    kt = k_text.float().transpose(-1, -2)
+    weights = onehot.unsqueeze(1)  # [B, 1, T, G]
+    chunk = max(1, _WORD_BLOCK_BYTES // max(1, 4 * B * H * k_text.shape[-2]))
+    parts = []
+    for start in range(0, N, chunk):
+        sl = slice(start, start + chunk)
+        lse_c = lse[..., sl, None]
+        p = torch.exp(torch.matmul(q[:, :, sl].float(), kt) * scale - lse_c).masked_fill(lse_c == float("-inf"), 0.0)
+        parts.append(torch.matmul(p, weights))
+    return torch.cat(parts, dim=2)
 
 
 class WordMap(Statistic):
