@@ -18,6 +18,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..context import CallContext
+from ..families import family_of
+from ..families.base import BlockIO, call_argument
 from ..hooks import Edit, ProbeSession, model_blocks, resolve_transformer
 from ..selection import SelectionError, as_indices, fmt_ints
 from .rows import AblationError
@@ -32,8 +34,10 @@ class ActivationCache:
     """Activations of one recorded run: ``(step, layer, stream) → tensor``; a context manager that records.
 
     Streams: ``"image"`` / ``"text"`` — a block's output hidden states ``[B, N, C]``;
-    ``"attention"`` — its joint attention output ``(image [B, N_img, C], text [B, N_txt, C])``;
-    ``"pooled"`` — the transformer's ``pooled_projections [B, P]`` (layer ``None``).
+    ``"attention"`` — its ``attn`` output ``(image [B, N_img, C], text [B, N_txt, C])`` (a single-stream block's
+    joined output split at the call's text length; on Flux.2 it holds the parallel MLP too);
+    ``"pooled"`` — the transformer's ``pooled_projections [B, P]`` (layer ``None``; not kept for families
+    without pooled conditioning). Streams are read through the family's ``BlockIO``.
     """
 
     def __init__(self, model: Any, layers: Iterable[int] | None = None, *,
@@ -100,14 +104,15 @@ class ActivationCache:
         self._tracker = ProbeSession(self.model, self, on_call=self._on_call).start()
         try:
             tr = self._tracker.transformer
+            family = family_of(tr)
             if "pooled" in self.streams:
                 self._hooks.append(tr.register_forward_pre_hook(self._pooled_hook, with_kwargs=True))
             for l in self.layers:
-                block = model_blocks(tr)[l]
+                block, io = model_blocks(tr)[l], family.block_io(tr, l)
                 if {"image", "text"} & set(self.streams):
-                    self._hooks.append(block.register_forward_hook(self._block_hook(l)))
+                    self._hooks.append(block.register_forward_hook(self._block_hook(l, io)))
                 if "attention" in self.streams:
-                    self._hooks.append(block.attn.register_forward_hook(self._attn_hook(l)))
+                    self._hooks.append(block.attn.register_forward_hook(self._attn_hook(l, io)))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -126,12 +131,13 @@ class ActivationCache:
             prompt = ctx.layouts[-1].prompt
             self.name = repr(prompt) if prompt is not None else None
 
-    def _keep(self) -> int | None:
-        """The step to store this call under, or None (not selected; SLG's extra call is never stored)."""
+    def _keep(self) -> CallContext | None:
+        """The current call's context when this call is stored (its step), else None (not selected; SLG's extra
+        call is never stored)."""
         ctx = self._tracker.context if self._tracker is not None else None
         if ctx is None or ctx.kind != "main" or (self.step_filter is not None and ctx.step not in self.step_filter):
             return None
-        return ctx.step
+        return ctx
 
     def _store(self, key: Key, value: Any) -> None:
         def prep(t):
@@ -140,29 +146,29 @@ class ActivationCache:
         self.data[key] = tuple(prep(v) for v in value) if isinstance(value, tuple) else prep(value)
 
     def _pooled_hook(self, module, args, kwargs):
-        step = self._keep()
-        pooled = kwargs.get("pooled_projections", args[2] if len(args) > 2 else None)
-        if step is not None and pooled is not None:
-            self._store((step, None, "pooled"), pooled)
+        ctx = self._keep()
+        pooled = call_argument(args, kwargs, "pooled_projections", 2)
+        if ctx is not None and pooled is not None:
+            self._store((ctx.step, None, "pooled"), pooled)
 
-    def _block_hook(self, layer: int):
+    def _block_hook(self, layer: int, io: BlockIO):
         def hook(module, args, output):
-            step = self._keep()
-            if step is None:
+            ctx = self._keep()
+            if ctx is None:
                 return None
-            text, image = output
+            image, text = io.outputs(output, ctx.n_text)
             if "image" in self.streams:
-                self._store((step, layer, "image"), image)
+                self._store((ctx.step, layer, "image"), image)
             if "text" in self.streams and text is not None:
-                self._store((step, layer, "text"), text)
+                self._store((ctx.step, layer, "text"), text)
             return None
         return hook
 
-    def _attn_hook(self, layer: int):
+    def _attn_hook(self, layer: int, io: BlockIO):
         def hook(module, args, output):
-            step = self._keep()
-            if step is not None:
-                self._store((step, layer, "attention"), tuple(output))
+            ctx = self._keep()
+            if ctx is not None:
+                self._store((ctx.step, layer, "attention"), io.attention(output, ctx.n_text))
             return None
         return hook
 

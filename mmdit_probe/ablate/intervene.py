@@ -6,9 +6,11 @@
 Specs and user :class:`~mmdit_probe.Edit` s compose; each spec is validated (and the set checked for
 contradictions) before anything runs, and run-dependent checks (step count, rows, prompt words)
 happen at the start of every transformer call, before any block computes. Whole-block skips pass
-diffusers' own ``skip_layers``; other block-level specs are forward (pre-)hooks on
-``JointTransformerBlock`` / its ``attn``; attention-level specs are :class:`~mmdit_probe.Edit` s of the
-probe processor, so an ``AttentionRecorder`` inside the ``with`` block records the ablated attention.
+diffusers' own ``skip_layers`` where the transformer takes it (SD3); other block-level specs are forward
+(pre-)hooks on the blocks / their ``attn`` that read and write streams only through the family's
+:class:`~mmdit_probe.families.base.BlockIO` (separate or joined streams); attention-level specs are
+:class:`~mmdit_probe.Edit` s of the probe processor, so an ``AttentionRecorder`` inside the ``with`` block
+records the ablated attention.
 Steps are the denoising steps of each pipeline run (read from the call context).
 """
 
@@ -20,11 +22,12 @@ import torch
 
 from ..context import CallContext
 from ..families import family_of
+from ..families.base import BlockIO, call_argument, with_argument
 from ..hooks import Edit, ProbeSession, model_blocks, resolve_transformer
 from ..kernels import attention_with_lse
 from ..layout import TokenLayout
 from .conflicts import check_conflicts
-from .rows import AblationError, block_inputs, put_rows, replace_block_input
+from .rows import AblationError, put_rows
 from .specs import AblateHeads, KnockOut, Patch, SkipLayers, Spec, ZeroText
 
 # logit penalty (before the softmax scale) that observers see on knocked-out query/key pairs
@@ -96,12 +99,14 @@ class Intervention:
     # ---- installation -------------------------------------------------------------------
     def _install(self, spec: Spec) -> None:
         tr = self.transformer
+        family = family_of(tr)
         if isinstance(spec, SkipLayers):
-            if spec.mode == "block" and spec.branch is None and family_of(tr).skip_argument:
+            if spec.mode == "block" and spec.branch is None and family.skip_argument:
                 self._hooks.append(tr.register_forward_pre_hook(self._skip_hook(spec), with_kwargs=True))
             elif spec.mode in ("block", "image"):
                 for l in spec.layers:
-                    self._hooks.append(self._blocks[l].register_forward_hook(self._passthrough_hook(spec), with_kwargs=True))
+                    hook = self._passthrough_hook(spec, family.block_io(tr, l))
+                    self._hooks.append(self._blocks[l].register_forward_hook(hook, with_kwargs=True))
             else:
                 self._add_edits(spec, _ZeroAttentionEdit, attentions=("attn", "attn2"))
         elif isinstance(spec, ZeroText):
@@ -109,7 +114,8 @@ class Intervention:
                 self._hooks.append(tr.register_forward_pre_hook(self._pooled_hook(spec, None), with_kwargs=True))
             else:
                 for l in spec.layer_list(tr):
-                    self._hooks.append(self._blocks[l].register_forward_pre_hook(self._zero_text_hook(spec), with_kwargs=True))
+                    hook = self._zero_text_hook(spec, family.block_io(tr, l))
+                    self._hooks.append(self._blocks[l].register_forward_pre_hook(hook, with_kwargs=True))
         elif isinstance(spec, KnockOut):
             self._add_edits(spec, _KnockOutEdit, attentions=("attn",))
         elif isinstance(spec, AblateHeads):
@@ -118,11 +124,11 @@ class Intervention:
             if spec.stream == "pooled":
                 self._hooks.append(tr.register_forward_pre_hook(self._pooled_hook(spec, spec.source), with_kwargs=True))
             for l in spec.layer_list(tr):
-                block = self._blocks[l]
+                block, io = self._blocks[l], family.block_io(tr, l)
                 if spec.stream == "attention":
-                    self._hooks.append(block.attn.register_forward_hook(self._patch_attention_hook(spec, l)))
+                    self._hooks.append(block.attn.register_forward_hook(self._patch_attention_hook(spec, l, io)))
                 else:
-                    self._hooks.append(block.register_forward_hook(self._patch_block_hook(spec, l)))
+                    self._hooks.append(block.register_forward_hook(self._patch_block_hook(spec, l, io)))
         else:  # pragma: no cover - Spec subclasses are all handled above
             raise TypeError(f"no installer for {type(spec).__name__}")
 
@@ -141,39 +147,41 @@ class Intervention:
         def hook(module, args, kwargs):
             if self._rows(spec) is None:
                 return None
-            current = kwargs.get("skip_layers", args[7] if len(args) > 7 else None)
+            current = call_argument(args, kwargs, "skip_layers", 7)
             merged = sorted(set(current or ()) | set(spec.layers))
-            return replace_block_input(args, kwargs, "skip_layers", 7, merged)
+            return with_argument(args, kwargs, "skip_layers", 7, merged)
         return hook
 
-    def _passthrough_hook(self, spec: SkipLayers):
+    def _passthrough_hook(self, spec: SkipLayers, io: BlockIO):
         def hook(module, args, kwargs, output):
             rows = self._rows(spec)
             if rows is None:
                 return None
-            hs_in, ehs_in = block_inputs(args, kwargs)
-            text, image = output
-            image = put_rows(image, rows, hs_in)
+            n_text = self.state.n_text
+            image_in, text_in = io.inputs(args, kwargs, n_text)
+            image, text = io.outputs(output, n_text)
+            image = put_rows(image, rows, image_in)
             if spec.mode == "block" and text is not None:
-                text = put_rows(text, rows, ehs_in)
-            return text, image
+                text = put_rows(text, rows, text_in)
+            return io.pack(output, n_text, image, text)
         return hook
 
-    def _zero_text_hook(self, spec: ZeroText):
+    def _zero_text_hook(self, spec: ZeroText, io: BlockIO):
         def hook(module, args, kwargs):
             rows = self._rows(spec)
             if rows is None:
                 return None
-            _, ehs = block_inputs(args, kwargs)
+            n_text = self.state.n_text
+            _, text = io.inputs(args, kwargs, n_text)
             if not spec.needs_layout:
-                new = put_rows(ehs, rows, 0.0)
+                new = put_rows(text, rows, 0.0)
             else:
-                new = ehs.clone()
+                new = text.clone()
                 for r in rows:
                     pos = spec.positions(self.state.layouts[r])
                     if pos:
                         new[r, pos] = 0.0
-            return replace_block_input(args, kwargs, "encoder_hidden_states", 1, new)
+            return io.with_inputs(args, kwargs, n_text, text=new)
         return hook
 
     def _pooled_hook(self, spec: Spec, source: Any):
@@ -181,9 +189,12 @@ class Intervention:
             rows = self._rows(spec)
             if rows is None:
                 return None
-            pooled = kwargs.get("pooled_projections", args[2] if len(args) > 2 else None)
+            pooled = call_argument(args, kwargs, "pooled_projections", 2)
+            if pooled is None:  # a family that does not declare has_pooled = False: refused before any block runs
+                raise AblationError(f"{spec.describe()}: this transformer call has no pooled text conditioning "
+                                    f"(pooled_projections is None); zero or patch the text stream instead")
             value = 0.0 if source is None else self._cached(spec, source.get(self.state.step, None, "pooled"), pooled)
-            return replace_block_input(args, kwargs, "pooled_projections", 2, put_rows(pooled, rows, value))
+            return with_argument(args, kwargs, "pooled_projections", 2, put_rows(pooled, rows, value))
         return hook
 
     def _cached(self, spec: Patch, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -194,25 +205,30 @@ class Intervention:
             )
         return value.to(device=like.device, dtype=like.dtype)
 
-    def _patch_block_hook(self, spec: Patch, layer: int):
+    def _patch_block_hook(self, spec: Patch, layer: int, io: BlockIO):
         def hook(module, args, output):
             rows = self._rows(spec)
             if rows is None:
                 return None
-            text, image = output
+            n_text = self.state.n_text
+            image, text = io.outputs(output, n_text)
             src = self._cached(spec, spec.source.get(self.state.step, layer, spec.stream), image if spec.stream == "image" else text)
             if spec.stream == "image":
-                return text, put_rows(image, rows, src)
-            return put_rows(text, rows, src), image
+                return io.pack(output, n_text, put_rows(image, rows, src), text)
+            return io.pack(output, n_text, image, put_rows(text, rows, src))
         return hook
 
-    def _patch_attention_hook(self, spec: Patch, layer: int):
+    def _patch_attention_hook(self, spec: Patch, layer: int, io: BlockIO):
         def hook(module, args, output):
             rows = self._rows(spec)
             if rows is None:
                 return None
-            src = spec.source.get(self.state.step, layer, "attention")
-            return tuple(put_rows(o, rows, self._cached(spec, s, o)) for o, s in zip(output, src))
+            n_text = self.state.n_text
+            image, text = io.attention(output, n_text)
+            src_image, src_text = spec.source.get(self.state.step, layer, "attention")
+            image = put_rows(image, rows, self._cached(spec, src_image, image))
+            text = put_rows(text, rows, self._cached(spec, src_text, text))
+            return io.pack_attention(output, n_text, image, text)
         return hook
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from ..context import BRANCHES, CallContext, CallContextError
-from ..families import model_blocks
+from ..families import family_of, model_blocks
 from ..layout import TEXT_GROUPS, TokenLayout, normalise_word
 from ..maps import parse_quadrant, quadrant_name
 from ..selection import SelectionError, as_indices, fmt_ints
@@ -69,6 +69,14 @@ def _check_range(spec: str, values: tuple[int, ...] | None, n: int, what: str) -
     bad = [v for v in values or () if not 0 <= v < n]
     if bad:
         raise AblationError(f"{spec}: {what} {bad} out of range: this model has {what}s 0..{n - 1}")
+
+
+def _check_pooled(transformer: torch.nn.Module, what: str, instead: str) -> None:
+    """Refuse a pooled-conditioning spec on a family without pooled conditioning (``Family.has_pooled``)."""
+    family = family_of(transformer)
+    if family is not None and not family.has_pooled:
+        raise AblationError(f"{what}: {family.label} has no pooled text conditioning ({family.transformer_class} takes "
+                            f"no pooled_projections); {instead}")
 
 
 class Spec:
@@ -165,7 +173,8 @@ class ZeroText(Spec):
     position is *not* the same as an empty prompt (that would feed the empty prompt's embeddings).
 
     ``pooled=True`` instead zeroes only the pooled CLIP conditioning (``pooled_projections``, which
-    enters every block's adaLN modulation through ``temb``); it takes no layers, groups or words.
+    enters every block's adaLN modulation through ``temb``); it takes no layers, groups or words, and is
+    refused on families without pooled conditioning (Flux.2).
     """
 
     layers: Iterable[int] | None = None
@@ -214,6 +223,12 @@ class ZeroText(Spec):
         sel = [*(self.groups or ()), *(repr(w) for w in self.words or ())]
         what = f"text [{', '.join(sel)}]" if sel else "text"
         return f"zero {what} into {_blocks(self.layers)}{_when(self.steps, self.branch)}"
+
+    def validate(self, transformer) -> None:
+        super().validate(transformer)
+        if self.pooled:
+            _check_pooled(transformer, "ZeroText(pooled=True)",
+                          "zero the text stream instead: ZeroText() (every block) or ZeroText(layers=[...])")
 
     def positions(self, layout: TokenLayout) -> list[int]:
         """Text-sequence positions (0-based within the text stream) this spec zeroes in one row."""
@@ -349,8 +364,9 @@ class Patch(Spec):
     """Activation patching: copy a block's ``stream`` from a recorded run (``source``) into this run.
 
     ``source`` comes from :func:`mmdit_probe.record_activations`. ``stream``: ``"image"`` / ``"text"``
-    (the block's output hidden states), ``"attention"`` (the joint attention output of both streams,
-    before the gate) or ``"pooled"`` (the pooled text conditioning; no layers). Steps are matched by
+    (the block's output hidden states), ``"attention"`` (the ``attn`` output of both streams, before the
+    gate; in Flux.2's single-stream blocks it includes the parallel MLP) or ``"pooled"`` (the pooled text
+    conditioning; no layers; refused on families without it). Steps are matched by
     index: step ``s`` here receives step ``s`` of the source run. The batch must match the source's.
     """
 
@@ -390,6 +406,9 @@ class Patch(Spec):
 
     def validate(self, transformer) -> None:
         super().validate(transformer)
+        if self.stream == "pooled":
+            _check_pooled(transformer, "Patch(stream='pooled')",
+                          "patch the text stream instead: Patch(cache, layers=[...], stream='text')")
         if self.stream == "text":
             last = [l for l in self.layer_list(transformer) if getattr(model_blocks(transformer)[l], "context_pre_only", False)]
             if last:

@@ -8,11 +8,14 @@ import torch
 
 from ..layout import TokenLayout
 from .base import AttentionCall, CallInputs, Family, Site
+from .chroma import ChromaFamily
 from .flux import FluxFamily
+from .flux2 import Flux2Family
+from .qwen import QwenImageFamily
 from .sd3 import SD3Family
 
 #: Supported families, tried in order. A new family adds one instance here.
-FAMILIES: tuple[Family, ...] = (SD3Family(), FluxFamily())
+FAMILIES: tuple[Family, ...] = (SD3Family(), FluxFamily(), Flux2Family(), QwenImageFamily(), ChromaFamily())
 
 #: Families diffusers ships that no adapter covers yet (named in the refusal).
 NOT_YET = ("Chroma", "Qwen-Image", "Flux.2", "HiDream", "Z-Image", "CogView4", "Lumina2", "AuraFlow")

@@ -2,6 +2,9 @@
 
 A :class:`Family` is the only object that knows a model family; the processors, the call context
 and the recorder ask it. Built-ins: :mod:`.sd3` (SD3 / SD3.5) and :mod:`.flux` (Flux.1).
+
+:class:`BlockIO` says how one block's residual streams enter and leave it; the block-level ablations and
+activation caches read and write streams through it only (:meth:`Family.block_io`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from ..context import CallContext
 from ..layout import TokenLayout, stream_slices
+
 
 @dataclass(frozen=True)
 class Site:
@@ -73,6 +77,7 @@ class CallInputs:
     timestep: torch.Tensor
     text: torch.Tensor | None  # encoder_hidden_states [B, n_text, C]
     slg: bool = False
+    context_grid: tuple[int, int] | None = None  # Flux Kontext: the context image's token grid (after the generated one)
 
 
 class Family:
@@ -92,6 +97,12 @@ class Family:
     skip_argument = False
     #: a second encoder whose ids complete the layout (SD3's T5), or ""
     second_encoder = ""
+    #: with CFG the pipeline predicts ``uncond`` in a second, unnamed transformer call after each step's ``cond``
+    #: call (Chroma), not in an ``[uncond ; cond]`` batch
+    separate_uncond_call = False
+    #: whether the transformer takes pooled text conditioning (``pooled_projections``); without it
+    #: ``ZeroText(pooled=True)`` and ``Patch(stream="pooled")`` are refused before any compute
+    has_pooled = True
 
     def matches(self, transformer: torch.nn.Module) -> bool:
         return type(transformer).__name__ == self.transformer_class
@@ -106,6 +117,13 @@ class Family:
 
     def sites(self, transformer: torch.nn.Module) -> list[Site]:
         raise NotImplementedError
+
+    def block_io(self, transformer: torch.nn.Module, layer: int) -> BlockIO:
+        """How block ``layer``'s streams enter and leave it. Default: :class:`SeparateStreams` (the block takes
+        ``(hidden_states, encoder_hidden_states)`` and returns ``(encoder_hidden_states, hidden_states)``); the
+        ``attn`` of a ``"single"`` block returns the joined sequence in :attr:`order`. A family whose single-stream
+        blocks take the joined sequence returns :class:`JoinedStream` ``(self.order)`` for those layers."""
+        return SeparateStreams(self.order, joined_attention=self.block_kinds(transformer)[layer] == "single")
 
     def processor(self, site: Site, controller: Any, original: Any) -> Any:
         """The probe processor replacing ``original`` at ``site`` (``TypeError`` naming the fix if unsupported)."""
@@ -135,6 +153,142 @@ class Family:
         """The layout a pipeline call with this prompt and size would have (tokenized here, nothing run)."""
         raise NotImplementedError
 
+    def schedule(self, pipe: Any, steps: int, height: int | None, width: int | None
+                 ) -> tuple[list[float], list[float], float | None]:
+        """``(timesteps, sigmas, mu)`` the pipeline sets for ``steps`` steps at this size (on a copy of its scheduler)."""
+        raise NotImplementedError(f"mmdit_probe does not yet reproduce the {self.label} pipeline's sampling schedule "
+                                  "(supported: SD3 / SD3.5, Flux.1, Chroma, Qwen-Image, Flux.2)")
+
     def uses_cache_context(self) -> bool:
         """Whether the pipelines wrap each call in ``transformer.cache_context("cond"/"uncond")``."""
         return False
+
+
+# ---- block stream I/O --------------------------------------------------------------------------
+def call_argument(args: tuple, kwargs: dict, name: str, index: int) -> Any:
+    """Argument ``name`` (positional ``index``) of a forward call, or None when not given."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
+
+
+def with_argument(args: tuple, kwargs: dict, name: str, index: int, value: Any) -> tuple[tuple, dict]:
+    """Copies of ``(args, kwargs)`` with argument ``name`` (positional ``index``) set to ``value``."""
+    kwargs = dict(kwargs)
+    if name in kwargs or len(args) <= index:
+        kwargs[name] = value
+        return args, kwargs
+    return tuple(value if i == index else a for i, a in enumerate(args)), kwargs
+
+
+def split_streams(x: torch.Tensor, order: tuple[str, str], n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image [B, N - n_text, C], text [B, n_text, C])`` views of a joined sequence ``x [B, N, C]`` in ``order``."""
+    sl = stream_slices(order, x.shape[1] - n_text, n_text)
+    return x[:, sl["image"]], x[:, sl["text"]]
+
+
+def join_streams(order: tuple[str, str], image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The joined sequence ``[B, N_img + N_txt, C]`` of ``image`` and ``text`` in ``order``."""
+    parts = {"image": image, "text": text}
+    return torch.cat([parts[s] for s in order], dim=1)
+
+
+class BlockIO:
+    """How one block's residual streams enter and leave it, and what its ``attn`` returns: the protocol the
+    block-level ablations (``SkipLayers`` of blocks / the image stream, ``ZeroText``, ``Patch``) and
+    ``record_activations`` use, so a family with another block signature overrides :meth:`Family.block_io`.
+
+    Streams are ``image [B, N_img, C]`` and ``text [B, N_txt, C]`` (``None`` where the block has none, e.g. SD3's
+    last text output); ``n_text`` is the call's text length (``CallContext.n_text``). Methods never mutate their
+    arguments: rebuilt inputs are copies of ``(args, kwargs)``.
+    """
+
+    def inputs(self, args: tuple, kwargs: dict, n_text: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(image, text)`` entering the block, from its forward's ``(args, kwargs)``."""
+        raise NotImplementedError
+
+    def with_inputs(self, args: tuple, kwargs: dict, n_text: int, *, image: torch.Tensor | None = None,
+                    text: torch.Tensor | None = None) -> tuple[tuple, dict]:
+        """Copies of ``(args, kwargs)`` with the image and/or text stream (those not None) replaced."""
+        raise NotImplementedError
+
+    def outputs(self, output: Any, n_text: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(image, text)`` leaving the block, from its output."""
+        raise NotImplementedError
+
+    def pack(self, output: Any, n_text: int, image: torch.Tensor, text: torch.Tensor | None) -> Any:
+        """The block's output, in its own form, made of ``image`` and ``text``."""
+        raise NotImplementedError
+
+    def attention(self, output: Any, n_text: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(image, text)`` of the block's ``attn`` output."""
+        raise NotImplementedError
+
+    def pack_attention(self, output: Any, n_text: int, image: torch.Tensor, text: torch.Tensor | None) -> Any:
+        """The ``attn`` output, in its own form, made of ``image`` and ``text``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SeparateStreams(BlockIO):
+    """Two-stream I/O (SD3, Flux.1, Qwen-Image blocks; Flux.1's single blocks, which join inside): the block
+    takes ``hidden_states`` (image, argument 0) and ``encoder_hidden_states`` (text, argument 1) and returns
+    ``(encoder_hidden_states, hidden_states)``. ``attn`` returns ``(image, text)``, or with ``joined_attention``
+    one tensor, the joined sequence in ``order``."""
+
+    order: tuple[str, str] = ("image", "text")
+    joined_attention: bool = False
+
+    def inputs(self, args, kwargs, n_text):
+        return call_argument(args, kwargs, "hidden_states", 0), call_argument(args, kwargs, "encoder_hidden_states", 1)
+
+    def with_inputs(self, args, kwargs, n_text, *, image=None, text=None):
+        if image is not None:
+            args, kwargs = with_argument(args, kwargs, "hidden_states", 0, image)
+        if text is not None:
+            args, kwargs = with_argument(args, kwargs, "encoder_hidden_states", 1, text)
+        return args, kwargs
+
+    def outputs(self, output, n_text):
+        text, image = output
+        return image, text
+
+    def pack(self, output, n_text, image, text):
+        return text, image
+
+    def attention(self, output, n_text):
+        if self.joined_attention:
+            return split_streams(output, self.order, n_text)
+        image, text = output
+        return image, text
+
+    def pack_attention(self, output, n_text, image, text):
+        return join_streams(self.order, image, text) if self.joined_attention else (image, text)
+
+
+@dataclass(frozen=True)
+class JoinedStream(BlockIO):
+    """Single-stream I/O (Flux.2's and Chroma's single blocks): the block takes the joined sequence in ``order``
+    as ``hidden_states`` (argument 0) and returns one tensor, the joined sequence; so does its ``attn``."""
+
+    order: tuple[str, str] = ("text", "image")
+
+    def inputs(self, args, kwargs, n_text):
+        return split_streams(call_argument(args, kwargs, "hidden_states", 0), self.order, n_text)
+
+    def with_inputs(self, args, kwargs, n_text, *, image=None, text=None):
+        old_image, old_text = self.inputs(args, kwargs, n_text)
+        joined = join_streams(self.order, old_image if image is None else image, old_text if text is None else text)
+        return with_argument(args, kwargs, "hidden_states", 0, joined)
+
+    def outputs(self, output, n_text):
+        return split_streams(output, self.order, n_text)
+
+    def pack(self, output, n_text, image, text):
+        return join_streams(self.order, image, text)
+
+    def attention(self, output, n_text):
+        return split_streams(output, self.order, n_text)
+
+    def pack_attention(self, output, n_text, image, text):
+        return join_streams(self.order, image, text)

@@ -3,8 +3,9 @@
 Projections, qk-norm, the ``[text, image]`` join and RoPE are diffusers' own functions, in the
 processor's order; the kernel is ``dispatch_attention_fn`` (exactly as diffusers calls it) when
 nothing observes or edits, and the fused LSE kernel on the same ``[B, H, S, D]`` view otherwise
-(the kernel the native backend's SDPA runs). Single-stream blocks receive the already-joined
-sequence; its text length comes from the call context.
+(the kernel the native backend's SDPA runs), with the attention mask the native backend would hand
+SDPA (Chroma passes one: its T5 padding mask, ``[B, 1, S, S]``). Single-stream blocks receive the
+already-joined sequence; its text length comes from the call context.
 """
 
 from __future__ import annotations
@@ -49,10 +50,9 @@ class FluxProbeProcessor(HookedProcessor):
         if self.edits or self.needs_lse:
             n_text = encoder_query.shape[1] if joint else self._context_text()
             n_image = query.shape[1] - n_text
-            if attention_mask is not None:
-                self._refuse_mask()
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S, D], the view SDPA receives
-            hidden_states = self.attention(n_image, n_text, q, k, v).transpose(1, 2)
+            mask = sdpa_mask(attention_mask, q, k)
+            hidden_states = self.attention(n_image, n_text, q, k, v, mask).transpose(1, 2)
         else:
             hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
                                                   backend=self._attention_backend, parallel_config=self._parallel_config)
@@ -76,7 +76,11 @@ class FluxProbeProcessor(HookedProcessor):
     def _context_text(self) -> int:
         return self.controller.current_context().n_text
 
-    @staticmethod
-    def _refuse_mask() -> None:
-        raise NotImplementedError("mmdit_probe records Flux attention without an attention mask (as FluxPipeline runs "
-                                  "it); this call passed attention_mask")
+
+def sdpa_mask(attention_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The mask diffusers' native backend hands SDPA for ``q, k [B, H, S, D]``: a 2-D ``[B, S_k]`` key mask
+    becomes ``[B, 1, 1, S_k]``; any other mask (Chroma's ``[B, 1, S, S]``) goes as it is."""
+    if (attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == q.shape[0]
+            and attention_mask.shape[1] == k.shape[2]):
+        return attention_mask[:, None, None, :]
+    return attention_mask

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any
 
 import torch
@@ -97,3 +99,19 @@ class SD3Family(Family):
     def layout(self, pipe, ids, second_ids, grid, n_text, prompt):
         return TokenLayout.from_ids(grid, ids, pipe.tokenizer, second_ids, getattr(pipe, "tokenizer_3", None),
                                     t5_length=n_text - CLIP_LENGTH, order=self.order, prompt=prompt)
+
+    def schedule(self, pipe, steps, height, width):
+        """``StableDiffusion3Pipeline``'s ``set_timesteps`` (with its resolution-dependent ``mu`` under dynamic shifting)."""
+        sch = copy.deepcopy(pipe.scheduler)
+        cfg, kwargs, mu = sch.config, {}, None
+        if cfg.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            f, p = pipe.vae_scale_factor, pipe.transformer.config.patch_size
+            default = pipe.default_sample_size * f
+            h, w = int(height or default) // f, int(width or default) // f
+            mu = calculate_shift((h // p) * (w // p), cfg.get("base_image_seq_len", 256),
+                                 cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+            kwargs["mu"] = mu
+        sch.set_timesteps(int(steps), device="cpu", **kwargs)
+        return [float(t) for t in sch.timesteps], [float(s) for s in sch.sigmas], mu

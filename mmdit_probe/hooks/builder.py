@@ -86,6 +86,8 @@ class ContextBuilder:
         name = self.names.call_name if self.names is not None else None
         kind = "slg" if inp.slg else "uncond" if name == "uncond" else "main"
         step = self._step()
+        if kind == "main" and self._follows_cond(step):
+            kind = "uncond"
         new_prompts = self.capture.new_since_last_match
         here = (step, _KIND_ORDER[kind])
         if self._last is None or here <= self._last or (new_prompts and kind == "main"):
@@ -94,11 +96,19 @@ class ContextBuilder:
         branches = self._branches(batch, kind)
         if inp.text is not None:
             prompts, layouts = self.capture.match(inp.text, inp.grid)
+            if inp.context_grid is not None:  # Flux Kontext: the context image's tokens follow the generated ones
+                layouts = tuple(None if lay is None else lay.with_context(inp.context_grid) for lay in layouts)
         else:
             prompts, layouts = (None,) * batch, (None,) * batch
         n_steps = _pipeline_attr(self.pipe, "num_timesteps")
         return CallContext(self.index, self.run, step, kind, inp.timestep, branches, prompts, layouts,
                            None if n_steps is None else int(n_steps), inp.grid, inp.n_text, True)
+
+    def _follows_cond(self, step: int) -> bool:
+        """A family whose pipeline predicts uncond in a second, unnamed call: this call is it when CFG is on, the
+        previous call was this step's main call, and no prompt was encoded in between (a new run would have)."""
+        return (self.family.separate_uncond_call and bool(_pipeline_attr(self.pipe, "do_classifier_free_guidance"))
+                and self._last == (step, _KIND_ORDER["main"]) and not self.capture.new_since_last_match)
 
     def _step(self) -> int:
         sched = self.pipe.scheduler
@@ -109,7 +119,8 @@ class ContextBuilder:
     def _branches(self, batch: int, kind: str) -> tuple[str, ...]:
         if kind in ("slg", "uncond"):
             return (kind,) * batch
-        groups = (["uncond"] if _pipeline_attr(self.pipe, "do_classifier_free_guidance") else []) + ["cond"]
+        batched_cfg = _pipeline_attr(self.pipe, "do_classifier_free_guidance") and not self.family.separate_uncond_call
+        groups = (["uncond"] if batched_cfg else []) + ["cond"]
         if _pipeline_attr(self.pipe, "do_perturbed_attention_guidance"):
             groups.append("perturbed")
         if batch % len(groups):
