@@ -1,4 +1,7 @@
-"""``describe(pipe)``: the anatomy of an SD3 / SD3.5 pipeline as a table, every entry read from the objects.
+"""``describe(pipe)``: the anatomy of a pipeline of any supported family as a table, every entry read from the objects.
+
+Flux.1 (and Kontext): :mod:`.describe_flux`; Chroma: :mod:`.describe_chroma`; Qwen-Image: :mod:`.describe_qwen`;
+Flux.2: :mod:`.describe_flux2` (each with a ``run`` section of the call defaults). For SD3 / SD3.5:
 
 Sections: ``components`` (class, parameters, dtype, device), ``text`` (per-encoder shapes, how CLIP-L
 and CLIP-G are joined and zero-padded to the T5 width, the joint text length), ``image`` (latent
@@ -12,139 +15,26 @@ embedded default model's), else ``pipe(...)``'s defaults. ``mmdit-probe describe
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .describe_chroma import chroma_rows
+from .describe_flux import flux_rows
+from .describe_flux2 import flux2_rows
+from .describe_qwen import qwen_rows
+from .describe_table import (COLUMNS, Description, DescriptionRow, call_default, component_rows, encoder_device,
+                             format_value, run_default)
 from .families import resolve_family
 from .steps import schedule
 
-__all__ = ["DescriptionRow", "Description", "describe", "run_default"]
+__all__ = ["COLUMNS", "DescriptionRow", "Description", "call_default", "describe", "format_value", "run_default"]
 
 SECTIONS = ("components", "text", "image", "transformer", "scheduler")
-COLUMNS = ("section", "item", "value", "source")
-
-
-@dataclass(frozen=True)
-class DescriptionRow:
-    """One entry: ``value`` is a Python object (int, tuple shape, str, list); ``source`` says where it came from."""
-
-    section: str
-    item: str
-    value: Any
-    source: str
-
-
-@dataclass(frozen=True)
-class Description:
-    """The rows of :func:`describe`; ``.table`` / ``to_dataframe()`` as a DataFrame, ``str()`` as text."""
-
-    rows: tuple[DescriptionRow, ...]
-
-    @property
-    def table(self):
-        import pandas as pd
-
-        return pd.DataFrame([(r.section, r.item, r.value, r.source) for r in self.rows], columns=list(COLUMNS))
-
-    def to_dataframe(self):
-        return self.table
-
-    def value(self, section: str, item: str) -> Any:
-        """The value of one entry; ``KeyError`` lists the items of that section."""
-        for r in self.rows:
-            if r.section == section and r.item == item:
-                return r.value
-        have = [r.item for r in self.rows if r.section == section]
-        raise KeyError(f"no item {item!r} in section {section!r}; items: {have}")
-
-    def section(self, name: str) -> dict[str, Any]:
-        return {r.item: r.value for r in self.rows if r.section == name}
-
-    def to_text(self, sources: bool = True) -> str:
-        lines: list[str] = []
-        width = max((len(r.item) for r in self.rows), default=0)
-        for sec in dict.fromkeys(r.section for r in self.rows):
-            lines.append(f"== {sec} ==")
-            for r in self.rows:
-                if r.section == sec:
-                    src = f"   [{r.source}]" if sources and r.source else ""
-                    lines.append(f"  {r.item:<{width}}  {format_value(r.value)}{src}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.to_text()
-
-    def _repr_html_(self) -> str:  # notebooks
-        return self.table.assign(value=self.table["value"].map(format_value)).to_html(index=False)
-
-
-def format_value(v: Any) -> str:
-    """Shapes as ``77×768``, big integers with thousands separators, floats short."""
-    if isinstance(v, torch.Size):
-        v = tuple(v)
-    if isinstance(v, tuple) and v and all(isinstance(x, int) for x in v):
-        return "×".join(str(x) for x in v)
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(format_value(x) for x in v) + "]"
-    return str(v)
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-def call_default(pipe: Any, name: str) -> Any:
-    """Default of a ``pipe(...)`` keyword, read from its signature."""
-    return inspect.signature(type(pipe).__call__).parameters[name].default
-
-
-def run_default(pipe: Any, name: str, given: int | None = None) -> tuple[int, str]:
-    """``(value, source)`` of run keyword ``name``: ``given``, else the pipeline's shipped run kwargs
-    (``pipe.shipped_run_kwargs``, as ``default_run_kwargs(pipe)``), else the ``pipe(...)`` default."""
-    if given:
-        return int(given), "argument"
-    shipped = getattr(pipe, "shipped_run_kwargs", None) or {}
-    if name in shipped:
-        return int(shipped[name]), "the model's run kwargs (pipe.shipped_run_kwargs = default_run_kwargs(pipe))"
-    return int(call_default(pipe, name)), f"pipe(...) default of {name}"
-
-
-def _module_rows(name: str, module: Any) -> list[DescriptionRow]:
-    if module is None:
-        return [DescriptionRow("components", name, None, f"pipe.{name} is None (omitted)")]
-    rows = [DescriptionRow("components", f"{name}.class", type(module).__name__, f"type(pipe.{name})")]
-    if isinstance(module, torch.nn.Module):
-        params = list(module.parameters())
-        first = params[0] if params else None
-        rows += [
-            DescriptionRow("components", f"{name}.parameters", sum(p.numel() for p in params), "sum of p.numel()"),
-            DescriptionRow("components", f"{name}.dtype", str(first.dtype) if first is not None else None, "first parameter"),
-            DescriptionRow("components", f"{name}.device", str(first.device) if first is not None else None, "first parameter"),
-        ]
-    elif hasattr(module, "__len__") and "tokenizer" in name:
-        rows.append(DescriptionRow("components", f"{name}.vocab", len(module), f"len(pipe.{name})"))
-    return rows
-
-
-def _component_rows(pipe: Any) -> list[DescriptionRow]:
-    rows: list[DescriptionRow] = []
-    for name, module in pipe.components.items():
-        if module is None and name in ("image_encoder", "feature_extractor"):
-            continue  # IP-adapter parts, absent in every SD3 checkpoint
-        rows += _module_rows(name, module)
-    return rows
-
-
-def _encoder_device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
+#: family name -> the function making its rows (same arguments as :func:`describe`); SD3 is described here
+FAMILY_ROWS: dict[str, Callable[..., list[DescriptionRow]]] = {
+    "flux": flux_rows, "chroma": chroma_rows, "qwen_image": qwen_rows, "flux2": flux2_rows}
 
 
 @torch.no_grad()
@@ -154,7 +44,7 @@ def _measure_clip(pipe: Any, index: int, prompt: str) -> tuple[tuple[int, ...], 
     enc = (pipe.text_encoder, pipe.text_encoder_2)[index]
     ids = tok(prompt, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True,
               return_tensors="pt").input_ids
-    out = enc(ids.to(_encoder_device(enc)), output_hidden_states=True)
+    out = enc(ids.to(encoder_device(enc)), output_hidden_states=True)
     return tuple(out.hidden_states[-2].shape[1:]), tuple(out.text_embeds.shape[1:])
 
 
@@ -162,7 +52,7 @@ def _measure_clip(pipe: Any, index: int, prompt: str) -> tuple[tuple[int, ...], 
 def _measure_t5(pipe: Any, prompt: str, length: int) -> tuple[int, ...]:
     ids = pipe.tokenizer_3(prompt, padding="max_length", max_length=length, truncation=True,
                            add_special_tokens=True, return_tensors="pt").input_ids
-    return tuple(pipe.text_encoder_3(ids.to(_encoder_device(pipe.text_encoder_3)))[0].shape[1:])
+    return tuple(pipe.text_encoder_3(ids.to(encoder_device(pipe.text_encoder_3)))[0].shape[1:])
 
 
 def _text_rows(pipe: Any, prompt: str | None, max_sequence_length: int, length_source: str) -> list[DescriptionRow]:
@@ -303,7 +193,8 @@ def describe(
     max_sequence_length: int | None = None,
     num_inference_steps: int | None = None,
 ) -> Description:
-    """Components, text path, image path, MMDiT and scheduler of ``pipe``, read from the objects.
+    """Components, text path, image path, MMDiT and scheduler of ``pipe``, read from the objects
+    (SD3 / SD3.5; Flux.1 / Kontext, Chroma, Qwen-Image and Flux.2 also get a ``run`` section: :data:`FAMILY_ROWS`).
 
     ``prompt`` runs the text encoders to measure the text shapes. ``height``/``width`` default to
     ``pipe(...)``'s; ``max_sequence_length`` and ``num_inference_steps`` to what the model runs with
@@ -311,11 +202,14 @@ def describe(
     The pipeline is not modified (the scheduler is deep-copied).
     """
     family = resolve_family(pipe)
+    if family.name in FAMILY_ROWS:
+        rows = FAMILY_ROWS[family.name](pipe, prompt, height, width, max_sequence_length, num_inference_steps)
+        return Description(tuple(rows))
     if family.name != "sd3":
         raise NotImplementedError(
-            f"describe() reads SD3 / SD3.5 pipelines; {type(pipe).__name__} ({family.name}) is recorded and ablated "
-            f"like SD3, but its anatomy table is not written yet. Use mp.prompt_layout(pipe, prompt).describe() for "
-            f"its token layout"
+            f"describe() reads SD3 / SD3.5, Flux.1, Chroma, Qwen-Image and Flux.2 pipelines; {type(pipe).__name__} "
+            f"({family.label}) is recorded and ablated like them, but its anatomy table is not written yet. Use "
+            f"mp.prompt_layout(pipe, prompt).describe() for its token layout"
         )
     f = pipe.vae_scale_factor
     height = int(height or pipe.default_sample_size * f)
@@ -324,6 +218,6 @@ def describe(
     steps, steps_source = run_default(pipe, "num_inference_steps", num_inference_steps)
     text = _text_rows(pipe, prompt, length, length_source)
     n_text = next(r.value for r in text if r.item == "joint text length")
-    rows = _component_rows(pipe) + text + _image_rows(pipe, height, width, n_text)
+    rows = component_rows(pipe) + text + _image_rows(pipe, height, width, n_text)
     rows += _transformer_rows(pipe.transformer) + _scheduler_rows(pipe, steps, steps_source, height, width)
     return Description(tuple(rows))

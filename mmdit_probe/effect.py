@@ -23,7 +23,7 @@ from .ablate import check_specs, intervene
 from .ablate import Spec
 
 TARGETS = ("image", "latent", "velocity")
-RESERVED_KWARGS = ("generator", "output_type", "return_dict")
+RESERVED_KWARGS = ("generator", "output_type", "return_dict", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
 
 
 # ---- metrics ----------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def resolve_metrics(metrics: Any = None) -> tuple[Metric, ...]:
 # ---- runs -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunOutput:
-    """One pipeline run: ``latents [B, C, h, w]`` (final), ``images [B, 3, H, W]`` in 0…1,
+    """One pipeline run: ``latents`` (final, as the pipeline holds them), ``images [B, 3, H, W]`` in 0…1,
     ``velocities``: the transformer output of every call, in call order."""
 
     latents: torch.Tensor
@@ -104,36 +104,35 @@ class RunOutput:
     velocities: tuple[torch.Tensor, ...]
 
 
-def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Decode final latents exactly as the pipeline does for ``output_type="pt"``: ``[B, 3, H, W]`` in 0…1."""
-    vae = pipe.vae
-    with torch.no_grad():
-        x = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-        image = vae.decode(x, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pt")
-
-
 def run_pipeline(pipe: Any, prompt: str | Sequence[str], seed: int = 0, specs: Iterable[Spec] = (),
                  **call_kwargs: Any) -> RunOutput:
     """Run ``pipe(prompt, generator=torch.Generator().manual_seed(seed), **call_kwargs)`` under
-    ``intervene(pipe, *specs)`` and keep final latents, decoded images and per-call velocities."""
+    ``intervene(pipe, *specs)`` and keep final latents (as the pipeline holds them before decoding: Flux's
+    are packed ``[B, N, C·4]``), the images the pipeline decodes (``output_type="pt"``) and per-call velocities."""
     bad = [k for k in RESERVED_KWARGS if k in call_kwargs]
     if bad:
-        raise ValueError(f"{bad} are set by the effect runner (seed= picks the generator; latents and images are both kept)")
+        raise ValueError(f"{bad} are set by the effect runner (seed= picks the generator; latents and images are both "
+                         "kept; the final latents are read with callback_on_step_end)")
     velocities: list[torch.Tensor] = []
+    final: dict[str, torch.Tensor] = {}
 
     def keep(module, args, output):
         out = output[0] if isinstance(output, tuple) else output.sample
         velocities.append(out.detach())
 
+    def last_latents(pipeline, step, timestep, tensors):
+        final["latents"] = tensors["latents"].detach()
+        return {}
+
     hook = pipe.transformer.register_forward_hook(keep)
     try:
         with intervene(pipe, *specs):
-            latents = pipe(prompt, generator=torch.Generator().manual_seed(int(seed)), output_type="latent",
-                           **dict(call_kwargs)).images
+            images = pipe(prompt, generator=torch.Generator().manual_seed(int(seed)), output_type="pt",
+                          callback_on_step_end=last_latents, callback_on_step_end_tensor_inputs=["latents"],
+                          **dict(call_kwargs)).images
     finally:
         hook.remove()
-    return RunOutput(latents, decode_latents(pipe, latents), tuple(velocities))
+    return RunOutput(final["latents"], images, tuple(velocities))
 
 
 def compare(baseline: RunOutput, ablated: RunOutput, metrics: Any = None) -> list[dict]:

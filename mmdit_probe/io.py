@@ -121,14 +121,17 @@ def atomic_write(path, write) -> None:
 def layout_to_json(layout: TokenLayout) -> dict:
     cols = {f: [getattr(t, f) for t in layout.text] for f in TextToken.__dataclass_fields__}
     return {"image_grid": list(layout.image_grid), "order": list(layout.order), "prompt": layout.prompt,
-            "has_t5": layout.has_t5, "text": cols}
+            "has_t5": layout.has_t5, "text": cols,
+            "context_grid": None if layout.context_grid is None else list(layout.context_grid)}
 
 
 def layout_from_json(d: dict) -> TokenLayout:
     cols = d["text"]
     n = len(cols["position"])
     text = tuple(TextToken(**{f: cols[f][i] for f in cols}) for i in range(n))
-    return TokenLayout(tuple(d["image_grid"]), text, tuple(d["order"]), d.get("prompt"), d.get("has_t5", True))
+    grid = d.get("context_grid")
+    return TokenLayout(tuple(d["image_grid"]), text, tuple(d["order"]), d.get("prompt"), d.get("has_t5", True),
+                       None if grid is None else tuple(grid))
 
 
 def _jsonable(x: Any) -> Any:
@@ -252,8 +255,9 @@ def _validate(header: dict, tensors: dict[str, torch.Tensor]) -> None:
            "'layouts' must be an object with a list 'distinct'")
     for i, d in enumerate(lay["distinct"]):
         ok = (_is_grid(d.get("image_grid")) and _is_list(d.get("order"), _is_str, 2)
-              and (d.get("prompt") is None or _is_str(d["prompt"])) and isinstance(d.get("has_t5", True), bool))
-        _check(ok, f"layouts.distinct[{i}]: image_grid, order, prompt or has_t5 has the wrong type")
+              and (d.get("prompt") is None or _is_str(d["prompt"])) and isinstance(d.get("has_t5", True), bool)
+              and (d.get("context_grid") is None or _is_grid(d["context_grid"])))
+        _check(ok, f"layouts.distinct[{i}]: image_grid, order, prompt, has_t5 or context_grid has the wrong type")
         cols = d.get("text")
         _check(isinstance(cols, dict) and set(cols) == set(_TOKEN_FIELDS), f"layouts.distinct[{i}].text must "
                f"have the columns {sorted(_TOKEN_FIELDS)}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import dataclasses
 import functools
 import re
 import unicodedata
@@ -121,7 +122,8 @@ class TokenLayout:
     """Layout of one row of the joint sequence: image grid ``(h, w)`` and text tokens.
 
     ``image_grid`` is the patch grid (latent size / patch size), row-major as ``PatchEmbed``
-    flattens it.
+    flattens it. ``context_grid`` (Flux Kontext) is the grid of the context image's tokens, which
+    travel at the end of the image stream: the joint sequence is then ``[text, image, context]``.
     """
 
     image_grid: tuple[int, int]
@@ -129,6 +131,7 @@ class TokenLayout:
     order: tuple[str, str] = ("image", "text")
     prompt: str | None = None
     has_t5: bool = True
+    context_grid: tuple[int, int] | None = None
 
     # ---- sizes and slices -------------------------------------------------------------
     @property
@@ -140,12 +143,26 @@ class TokenLayout:
         return len(self.text)
 
     @property
+    def n_context(self) -> int:
+        """Context-image tokens (Flux Kontext); 0 without a context image."""
+        return self.context_grid[0] * self.context_grid[1] if self.context_grid else 0
+
+    @property
     def n_tokens(self) -> int:
-        return self.n_image + self.n_text
+        return self.n_image + self.n_text + self.n_context
 
     def stream_slice(self, stream: str) -> slice:
-        """Slice of ``stream`` (``"image"``/``"text"``) in the joint sequence."""
-        return stream_slices(self.order, self.n_image, self.n_text)[stream]
+        """Slice of ``stream`` (``"image"``/``"text"``/``"context"``) in the joint sequence."""
+        return stream_slices(self.order, self.n_image, self.n_text, self.n_context)[stream]
+
+    @property
+    def context_slice(self) -> slice:
+        return self.stream_slice("context")
+
+    def with_context(self, context_grid: tuple[int, int] | None) -> "TokenLayout":
+        """This layout with a context image of ``context_grid`` tokens (None: without one)."""
+        grid = None if context_grid is None else tuple(int(x) for x in context_grid)
+        return dataclasses.replace(self, context_grid=grid)
 
     @property
     def image_slice(self) -> slice:
@@ -157,9 +174,9 @@ class TokenLayout:
 
     # ---- groups and words -------------------------------------------------------------
     def group_positions(self, group: str) -> list[int]:
-        """Joint-sequence positions of a key group (``"image"`` or one of ``TEXT_GROUPS``)."""
-        if group == "image":
-            s = self.image_slice
+        """Joint-sequence positions of a key group (``"image"``, ``"context"`` or one of ``TEXT_GROUPS``)."""
+        if group in ("image", "context"):
+            s = self.stream_slice(group)
             return list(range(s.start, s.stop))
         if group not in TEXT_GROUPS:
             raise KeyError(f"unknown token group {group!r}; valid groups: {', '.join(KEY_GROUPS)}")
@@ -318,16 +335,21 @@ class TokenLayout:
         for t in self.text:
             counts[t.group] += 1
         parts = ", ".join(f"{g}={n}" for g, n in counts.items() if n)
-        return f"image {self.image_grid[0]}x{self.image_grid[1]}={self.n_image}, text {self.n_text} ({parts})"
+        context = f", context {self.context_grid[0]}x{self.context_grid[1]}={self.n_context}" if self.n_context else ""
+        return f"image {self.image_grid[0]}x{self.image_grid[1]}={self.n_image}, text {self.n_text} ({parts}){context}"
 
 
-def stream_slices(order: Sequence[str], n_image: int, n_text: int) -> dict[str, slice]:
-    """Slices of each stream in the joint sequence for a given order."""
+def stream_slices(order: Sequence[str], n_image: int, n_text: int, n_context: int = 0) -> dict[str, slice]:
+    """Slices of each stream in the joint sequence for a given order; ``"context"`` (Flux Kontext's
+    context-image tokens, empty when ``n_context`` is 0) follows the image tokens in the image stream."""
     sizes = {"image": n_image, "text": n_text}
     out, start = {}, 0
     for s in order:
         out[s] = slice(start, start + sizes[s])
         start += sizes[s]
+        if s == "image":
+            out["context"] = slice(start, start + n_context)
+            start += n_context
     return out
 
 

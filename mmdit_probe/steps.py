@@ -7,14 +7,13 @@ num_train_timesteps``). Sigmas are taken from the scheduler, never from the step
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .families import model_blocks
+from .families import model_blocks, resolve_family
 from .record import AttentionRecorder
 
 __all__ = [
@@ -58,23 +57,11 @@ def _latent_hw(pipe: Any, height: int | None, width: int | None) -> tuple[int, i
 def schedule(pipe: Any, num_inference_steps: int, *, height: int | None = None, width: int | None = None) -> Schedule:
     """The timesteps / sigmas ``pipe`` will use for ``num_inference_steps`` (and this image size).
 
-    Runs ``set_timesteps`` on a deep copy of ``pipe.scheduler`` (the pipeline is not touched), with
-    the resolution-dependent ``mu`` the pipeline computes when dynamic shifting is on.
+    Reproduces the pipeline's own ``set_timesteps`` call (its family adapter's ``schedule``) on a deep copy of
+    ``pipe.scheduler`` (the pipeline is not touched), with the resolution-dependent ``mu`` where the pipeline uses one.
     """
-    sch = copy.deepcopy(pipe.scheduler)
-    cfg = sch.config
-    kwargs: dict[str, Any] = {}
-    mu = None
-    if cfg.get("use_dynamic_shifting", False):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-        h, w = _latent_hw(pipe, height, width)
-        p = pipe.transformer.config.patch_size
-        mu = calculate_shift((h // p) * (w // p), cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
-        kwargs["mu"] = mu
-    sch.set_timesteps(int(num_inference_steps), device="cpu", **kwargs)
-    return Schedule(tuple(float(t) for t in sch.timesteps), tuple(float(s) for s in sch.sigmas), mu)
+    timesteps, sigmas, mu = resolve_family(pipe).schedule(pipe, int(num_inference_steps), height, width)
+    return Schedule(tuple(timesteps), tuple(sigmas), mu)
 
 
 def layer_groups(n_layers: int, names: Sequence[str] = GROUP_NAMES) -> dict[int, str]:

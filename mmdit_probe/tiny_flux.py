@@ -1,4 +1,4 @@
-"""``tiny_flux_pipeline``: a Flux.1 pipeline built in code (random weights, in-code tokenizers), offline."""
+"""``tiny_flux_pipeline``: a Flux.1 (or Flux Kontext) pipeline built in code (random weights, in-code tokenizers), offline."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .models import CLIP_MAX_LENGTH, _quiet_image_processor_fallback, _seed_comp
 from .tokenizers import DEFAULT_VOCAB, make_clip_tokenizer, make_t5_tokenizer, normalize_words
 
 with _quiet_image_processor_fallback():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
 
 T5_WIDTH = 32  # T5 d_model = the transformer's joint_attention_dim
 CLIP_WIDTH = 32  # CLIP hidden size = pooled_projection_dim (Flux takes CLIP's pooled output only)
@@ -17,12 +17,17 @@ LATENT_CHANNELS = 4  # packed 2×2 → 16 transformer input channels
 
 
 def tiny_flux_pipeline(seed: int = 0, *, num_layers: int = 2, num_single_layers: int = 2, num_heads: int = 4,
-                       head_dim: int = 8, guidance_embeds: bool = True, device: str = "cpu") -> FluxPipeline:
+                       head_dim: int = 8, guidance_embeds: bool = True, kontext: bool = False,
+                       device: str = "cpu") -> FluxPipeline | FluxKontextPipeline:
     """A ``FluxPipeline`` with a tiny ``FluxTransformer2DModel``: ``num_layers`` double-stream blocks, then
     ``num_single_layers`` single-stream blocks (layers ``0 … D+S−1``), ``num_heads`` × ``head_dim``.
 
     A 32×40 px image is 8×10 = 80 image tokens (VAE scale 2, 2×2 packing); text = T5 tokens only
     (``max_sequence_length``). Equal arguments give bitwise-equal weights; the caller's RNG is restored.
+
+    ``kontext=True``: the same components in a ``FluxKontextPipeline`` (``pipe(image=..., prompt=...)``: the
+    context image's tokens follow the generated ones). Pass ``max_area=height * width`` and
+    ``_auto_resize=False`` to keep its sizes tiny (its defaults rescale to 1024² and Kontext's resolutions).
     """
     if head_dim % 4:
         raise ValueError("head_dim must be a multiple of 4 (rotary axes)")
@@ -46,7 +51,8 @@ def tiny_flux_pipeline(seed: int = 0, *, num_layers: int = 2, num_single_layers:
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
         _seed_component(seed, 3)
         text_encoder_2 = _tiny_t5(len(tokenizer_2), T5_WIDTH)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,
+    cls = FluxKontextPipeline if kontext else FluxPipeline
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,
                         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                         tokenizer_2=tokenizer_2, transformer=transformer)
     for module in pipe.components.values():

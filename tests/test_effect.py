@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mmdit_probe as mp
+
 from mmdit_probe.ablate import intervene
 from mmdit_probe.ablate import record_head_means
 from mmdit_probe.ablate import AblationError
@@ -117,3 +119,20 @@ def test_bad_input_fails_before_any_run(pipe):
     finally:
         h.remove()
     assert calls == []
+
+
+def test_effects_on_flux_match_a_plain_pipeline_call():
+    """Effect runs on Flux (packed latents): the images are what the pipeline decodes itself, the latents are the
+    final packed latents, and an ablation's image MSE equals the MSE of two plain calls computed by hand."""
+    pipe = mp.tiny_flux_pipeline(seed=1)
+    kw = dict(height=32, width=40, max_sequence_length=16, num_inference_steps=2)
+    eff = mp.run_with_effects(pipe, "a red circle", mp.SkipLayers([2]), seed=3, **kw)
+    plain = pipe("a red circle", generator=torch.Generator().manual_seed(3), output_type="pt", **kw).images
+    with mp.intervene(pipe, mp.SkipLayers([2])):
+        skipped = pipe("a red circle", generator=torch.Generator().manual_seed(3), output_type="pt", **kw).images
+    latents = pipe("a red circle", generator=torch.Generator().manual_seed(3), output_type="latent", **kw).images
+    assert torch.equal(eff.baseline.images, plain) and torch.equal(eff.ablated.images, skipped)
+    assert torch.equal(eff.baseline.latents, latents) and latents.shape == (1, 80, 16)
+    assert len(eff.baseline.velocities) == 2
+    got = eff.table.query("metric == 'image_mse'").value.item()
+    assert got == pytest.approx(float(((plain - skipped) ** 2).mean()), rel=1e-6) and got > 0

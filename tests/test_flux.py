@@ -175,3 +175,17 @@ def test_zero_text_word_on_single_stream_block(pipe):
         out = pipe(PROMPT, generator=torch.manual_seed(0), **KW).images
     assert torch.equal(out, reference)
 
+
+
+def test_schedule_is_the_one_the_pipeline_runs(pipe):
+    """``mp.schedule`` on Flux reproduces FluxPipeline's sigmas and resolution-dependent mu: its timesteps equal the
+    timesteps the transformer receives (×1000) in a real call."""
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(float(kw["timestep"].reshape(-1)[0]) * 1000), with_kwargs=True)
+    try:
+        pipe(PROMPT, generator=torch.manual_seed(0), **{**KW, "num_inference_steps": 4})
+    finally:
+        hook.remove()
+    sched = mp.schedule(pipe, 4, height=KW["height"], width=KW["width"])
+    assert len(seen) == 4 and sched.timesteps == pytest.approx(seen, abs=1e-3)

@@ -1,6 +1,7 @@
 """``mmdit-probe describe``: components, text/image shapes, MMDiT and scheduler of a model (:func:`mmdit_probe.describe`).
 
-The T5 length and step count shown are those ``mmdit-probe record`` / ``demo`` would run the model with.
+Any supported family (SD3 / SD3.5, Flux.1 / Kontext, Chroma, Qwen-Image, Flux.2; a hub id or a saved folder). The
+text length and step count shown are those ``mmdit-probe record`` / ``demo`` would run the model with.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def add_describe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_describe(args: argparse.Namespace) -> int:
-    """Print (or write) the description; the model's run kwargs give the T5 length and steps unless set."""
+    """Print (or write) the description; the model's run kwargs give the text length and steps unless set."""
     if args.model_arg is not None and args.model not in ("default", args.model_arg):
         raise CLIError(f"two models given: MODEL {args.model_arg!r} and --model {args.model!r}; give one")
     args.model = args.model_arg or args.model
@@ -50,7 +51,8 @@ COMMANDS: dict[str, Subcommand] = {
     "describe": Subcommand(
         add_describe_arguments, run_describe, "components, shapes, MMDiT and scheduler of a model",
         "Print every component (class, parameters, dtype, device), the text and image paths with their shapes "
-        "(measured with --prompt), the MMDiT blocks and the scheduler's timesteps/sigmas, all read from the "
-        "objects. The T5 length and step count are those the model runs with (its run kwargs) unless "
-        "--max-sequence-length / --steps are given."),
+        "(measured with --prompt), the MMDiT blocks by layer and kind, rotary axes and attention masks, the "
+        "scheduler's timesteps/sigmas as the pipeline sets them and (Flux.1, Chroma, Qwen-Image, Flux.2) the call "
+        "defaults, all read from the objects. The text length (max_sequence_length) and step count are those the "
+        "model runs with (its run kwargs) unless --max-sequence-length / --steps are given."),
 }

@@ -15,6 +15,7 @@ from ..context import CallContext, CallContextError
 from ..kernels import complement_mass, entropy, key_column_mass, key_set_mass, lse_over_keys
 from ..layout import KEY_GROUPS, QUERY_GROUPS, TokenLayout, WordTruncatedError, normalise_word, stream_slices
 from .statistic import Statistic
+from .streams import context_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..hooks import AttentionCall
@@ -215,13 +216,19 @@ class WordMap(Statistic):
         return 4 * steps * layers * rows * heads * words * image_tokens
 
     def compute(self, call, q, k, v, lse):
-        """One small ``q_img·k_wordsᵀ`` block per row group (chunked under ``_WORD_BLOCK_BYTES``)."""
+        """Generated image queries → word keys (a Kontext context image's tokens are not image tokens here)."""
         if not call.n_text or not self.words:
             return None
+        n_image = call.n_image - context_tokens(call)
+        return self.maps(call, q, k, lse, slice(call.image_slice.start, call.image_slice.start + n_image))
+
+    def maps(self, call, q, k, lse, queries: slice) -> torch.Tensor:
+        """Word maps of the query positions ``queries``: one small ``q·k_wordsᵀ`` block per row group (chunked
+        under ``_WORD_BLOCK_BYTES``), ``[B, (H,) word, query]``."""
         B, H = q.shape[:2]
-        img = call.image_slice
+        n_query = queries.stop - queries.start
         words = self.words
-        out = _nan(B, H if self.heads == "all" else 1, len(words), call.n_image, device=q.device)
+        out = _nan(B, H if self.heads == "all" else 1, len(words), n_query, device=q.device)
         per_row = rows_by_positions(call.context.layouts,
                                     lambda lay: tuple(tuple(_safe_word_positions(lay, w)) for w in words))
         for rows, word_pos in per_row.items():
@@ -229,15 +236,15 @@ class WordMap(Statistic):
             if not cols:
                 continue
             r = list(rows)
-            qi, kw, lse_i = q[r][:, :, img].float(), k[r][:, :, cols].float(), lse[r][..., img]
+            qi, kw, lse_i = q[r][:, :, queries].float(), k[r][:, :, cols].float(), lse[r][..., queries]
             chunk = max(1, _WORD_BLOCK_BYTES // max(1, 4 * len(r) * H * len(cols)))
-            for start in range(0, call.n_image, chunk):
+            for start in range(0, n_query, chunk):
                 sl = slice(start, start + chunk)
                 logits = torch.matmul(qi[:, :, sl], kw.transpose(-1, -2)) * call.scale  # [b, H, chunk, cols]
                 first = 0
                 for wi, pos in enumerate(word_pos):
                     if pos:
-                        m = torch.exp(torch.logsumexp(logits[..., first : first + len(pos)], dim=-1) - lse_i[..., sl])
+                        m = key_set_mass(torch.logsumexp(logits[..., first : first + len(pos)], dim=-1), lse_i[..., sl])
                         out[r, :, wi, sl] = m if self.heads == "all" else m.mean(1, keepdim=True)
                     first += len(pos)
         return out if self.heads == "all" else out[:, 0]
