@@ -290,3 +290,4 @@ COMMANDS = {
                        "Print a results file's run, model, statistics and dims, coordinates, token layouts and the "
                        "quadrant table."),
 }
+from .analyse import COMMANDS as _ANALYSE; COMMANDS.update(_ANALYSE)  # noqa: E402,E702  mmdit-probe analyse (issue 16)
