@@ -2,6 +2,7 @@
 
     python benchmarks/bench_study.py                          # default model + its run kwargs, 8 vs 32 prompts
     python benchmarks/bench_study.py --sizes 8 32 64 --steps 4 --device cuda
+    python benchmarks/bench_study.py --sizes 8 200 --merge    # add sizes to the results file, keep the others
 
 Each size runs in a fresh process (so peak memory is that size's alone): the embedded default model
 (``mp.default_pipeline()``, ``mp.default_run_kwargs(pipe)`` unless ``--steps``), the first N prompts of the
@@ -14,7 +15,10 @@ shipped set, one seed, statistics mass + group_mass + word_map, after one untime
 * the aggregated state: bytes of the streaming moments (per cell: flat in prompts) and of the per-prompt
   means kept for the bootstrap (``O(prompts × interval cells)``, small numbers).
 
-Prints a table and writes JSON to ``benchmarks/results/study-<model>-<device>.json``.
+Prints a table and writes JSON to ``benchmarks/results/study-<model>-<device>.json`` (``--merge``: the sizes
+measured now replace those in the file, the others are kept). Each row also records the 1-minute load
+average before and after its study (``os.getloadavg``): on a shared machine runs/min falls with the load;
+the memory figures do not depend on it.
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ def child(args: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    load_before = os.getloadavg()[0]
     base = _rss()
     tracemalloc.start()
     with PeakRSS() as rss:
@@ -114,6 +119,7 @@ def child(args: argparse.Namespace) -> dict:
         "blocks": len(res.state.blocks), "words": len(res.words),
         "cells": int(sum(len(b.full) for b in res.state.blocks.values())),
         "run_kwargs": kw, "torch_threads": torch.get_num_threads(), "device": str(args.device or "cpu"),
+        "load_average_before": load_before, "load_average_after": os.getloadavg()[0], "cpus": os.cpu_count(),
     }
 
 
@@ -123,6 +129,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's run kwargs)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/study-default-<device>.json)")
+    p.add_argument("--merge", action="store_true", help="keep the other sizes already in the results file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prompts", type=int, default=8, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -150,7 +157,11 @@ def main() -> None:
               f"{r['blocks']:>7} {r['cells']:>8}")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"study-default-{rows[0]['device'].split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"sizes": args.sizes, "results": rows}, indent=1) + "\n")
+    if args.merge and out.exists():
+        new = {r["prompts"] for r in rows}
+        rows = sorted([r for r in json.loads(out.read_text())["results"] if r["prompts"] not in new] + rows,
+                      key=lambda r: r["prompts"])
+    out.write_text(json.dumps({"sizes": [r["prompts"] for r in rows], "results": rows}, indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -165,3 +165,51 @@ def incomplete_runs(rows: Iterable[dict], settings: Mapping[str, Any]) -> dict[t
         if missing:
             out[run] = ", ".join(missing)
     return out
+
+
+# ---- shards of a sweep on several processes ------------------------------------------------------
+def table_shard(table: str | Path, rank: int, world: int) -> Path:
+    """Rank ``rank``'s table of a sweep saved as ``table`` on ``world`` processes:
+    ``<folder>/shards/<stem>-<rank>-of-<world>.csv`` (naming of :mod:`mmdit_probe.study.shards`)."""
+    from .study.shards import shard_path  # the study package imports the whole library: lazily
+
+    table = Path(table)
+    return shard_path(table.parent, rank, world, table.stem, "csv")
+
+
+def shard_tables(table: str | Path) -> list[Path]:
+    """Every shard table of the sweep saved as ``table``, of any number of processes, by (world, rank)."""
+    from .study.shards import find_shards
+
+    table = Path(table)
+    found = find_shards(table.parent, table.stem, "csv")
+    return [p for world in sorted(found) for p in found[world]]
+
+
+def run_key(row: Mapping[str, Any]) -> tuple:
+    """``(prompt, seed, spec_index)``: the run a row belongs to."""
+    return row["prompt"], row["seed"], row["spec_index"]
+
+
+def read_runs(paths: Iterable[str | Path], settings: Mapping[str, Any], warn: bool = True
+              ) -> dict[Path, list[dict]]:
+    """The complete runs of several tables of one sweep (the saved table and its shards), per file.
+
+    Each file is read with :func:`read_table`; a run missing a metric or step is dropped (with a warning
+    naming the file when ``warn``) and so is a run already complete in an earlier file, so every run
+    comes from one file, with its rows in that file's order.
+    """
+    out: dict[Path, list[dict]] = {}
+    seen: set[tuple] = set()
+    for path in map(Path, paths):
+        rows = read_table(path, settings)
+        bad = incomplete_runs(rows, settings)
+        if bad and warn:
+            listed = "; ".join(f"prompt {p!r}, seed {s}, spec_index {i}: missing {what}" for (p, s, i), what in
+                               list(bad.items())[:3])
+            warnings.warn(f"{path}: {len(bad)} run(s) incomplete ({listed}{'; …' if len(bad) > 3 else ''}): "
+                          f"their rows are dropped and the runs done again", UserWarning, stacklevel=4)
+        keep = [r for r in rows if run_key(r) not in bad and run_key(r) not in seen]
+        seen |= {run_key(r) for r in keep}
+        out[path] = keep
+    return out

@@ -284,3 +284,32 @@ def test_repeated_seeds_or_prompts_are_refused(pipe):
         sweep(pipe, PROMPTS, [SkipLayers([0])], seeds=[0, 0], **CALL)
     with pytest.raises(ValueError, match="prompts given more than once"):
         sweep(pipe, PROMPTS * 2, [SkipLayers([0])], **CALL)
+
+
+def test_failed_runs_are_reported_then_redone(pipe, tmp_path, capsys):
+    path, specs = tmp_path / "f.csv", [SkipLayers([0]), SkipLayers([1]), SkipLayers([2])]
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        sweep(pipe, PROMPTS, specs, on_error="ignore", **CALL)
+    counter = CallCounter(pipe, crash_at=5)  # baseline and spec 0 (4 calls), then spec 1 crashes
+    try:
+        df = sweep(pipe, PROMPTS[:1], specs, save_to=path, on_error="continue", **CALL)
+        report = df.attrs["sweep_report"]
+        assert (report["ran"], report["skipped"], report["failed"]) == (2, 0, 1) and set(df.spec_index) == {0, 2}
+        assert report["failures"][0][:3] == [PROMPTS[0], 0, 1] and "simulated crash" in report["failures"][0][3]
+        err = capsys.readouterr().err
+        assert "3 runs (1 prompts x 1 seeds x 3 specs): 2 run now, 0 skipped (finished before), 1 failed" in err
+        assert f"failed: prompt {PROMPTS[0]!r}, seed 0, spec_index 1: RuntimeError: simulated crash" in err
+        counter.n = 0  # resume, adding a prompt whose baseline crashes (call 5)
+        df = sweep(pipe, PROMPTS, specs, save_to=path, on_error="continue", progress=False, **CALL)
+        report = df.attrs["sweep_report"]
+        assert counter.runs == 1 + 1 + 0.5  # prompt 0: baseline + spec 1; prompt 1: the baseline's first step
+        assert (report["ran"], report["skipped"], report["failed"]) == (1, 2, 3)
+        assert [f[:3] for f in report["failures"]] == [[PROMPTS[1], 0, i] for i in range(3)]
+        assert all("the baseline failed: RuntimeError: simulated crash" in f[3] for f in report["failures"][1:])
+        counter.crash_at = None
+        df = sweep(pipe, PROMPTS, specs, save_to=path, progress=False, **CALL)
+    finally:
+        counter.close()
+    assert (df.attrs["sweep_report"]["ran"], df.attrs["sweep_report"]["skipped"]) == (3, 3)
+    fresh = sweep(pipe, PROMPTS, specs, progress=False, **CALL)
+    pd.testing.assert_frame_equal(df, fresh)

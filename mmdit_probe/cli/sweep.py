@@ -4,6 +4,9 @@ CSV/parquet, plus effect-by-layer, per-step effect and before/after image figure
 OUT/sweep.settings.json records what the sweep was made with (:mod:`mmdit_probe.sweep_settings`, plus
 ``--model``, ``--kind`` and ``--dtype``); ``--resume`` refuses other settings (``--prompt`` and ``--seeds``
 may be added), first from the options given, before the model loads, then from the resolved values.
+Under ``accelerate launch --num_processes N -m mmdit_probe sweep ...`` the runs are split over the
+processes (each writes OUT/shards/sweep-<rank>-of-<N>.csv; see :mod:`mmdit_probe.sweep`); rank 0 merges
+them into OUT/sweep.csv and draws the figures.
 pandas, matplotlib and :mod:`mmdit_probe.plot` are imported inside the functions that use them (heavy).
 """
 
@@ -16,9 +19,10 @@ from typing import Any
 
 from .. import QUADRANTS, __version__, run_pipeline
 from ..effect import resolve_metrics
-from ..sweep import SweepSettingsError, knock_out_each_quadrant, skip_each_layer, sweep, zero_text_each_layer
+from ..sweep import (SweepSettingsError, knock_out_each_quadrant, report_text, skip_each_layer, sweep,
+                     zero_text_each_layer)
 from ..sweep_settings import differences, format_differences, metric_settings, read_settings, settings_path
-from ..sweep_table import read_table
+from ..sweep_table import read_table, shard_tables
 from .common import (CLIError, Subcommand, add_model_arguments, check_output_folder, generation_kwargs, get_pipeline,
                      int_in, parse_dtype, seed_int)
 
@@ -40,10 +44,14 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep in OUT (finished runs are skipped); the settings must be those "
                         "recorded in OUT/sweep.settings.json, except that --prompt and --seeds may add more")
+    p.add_argument("--on-error", choices=("raise", "continue"), default="raise",
+                   help="raise: stop at the first failed run; continue: record it, go on, exit with code 1 (the "
+                        "failed runs are run again by --resume)")
     p.add_argument("--metric", default="image_mse", help="final-output metric of the effect-by-layer figure")
     p.add_argument("--step-metric", default="velocity_mse", help="per-step metric of the step-effect figure")
     p.add_argument("--strip", type=int_in(0, 64), default=4,
                    help="images in the before/after strip (baseline + the most effective ablations; 0: none)")
+    p.add_argument("--no-figures", action="store_true", help="write the table only (no figures, no image strip)")
     add_model_arguments(p)
 
 
@@ -89,14 +97,16 @@ def _extra(args: argparse.Namespace) -> dict:
 def _check_resume(args: argparse.Namespace, out: Path, prompts: list[str]) -> None:
     """Before the model loads: an existing sweep in ``out`` needs --resume and the options it was made with."""
     csv, spath = out / "sweep.csv", settings_path(out / "sweep.csv")
-    if not csv.exists() and not spath.exists():
+    shards = shard_tables(csv)
+    if not csv.exists() and not spath.exists() and not shards:
         return
     if not args.resume:
-        raise CLIError(f"{csv if csv.exists() else spath} exists: pass --resume to continue that sweep, or choose "
-                       f"another --out")
+        found = next(p for p in (csv, spath, *shards) if p.exists())
+        raise CLIError(f"{found} exists: pass --resume to continue that sweep, or choose another --out")
     if not spath.exists():
-        raise CLIError(f"{csv} has no {spath.name} next to it (made by an older mmdit_probe): what it was made with "
-                       f"cannot be checked, so it is not resumed; start a new sweep with another --out")
+        raise CLIError(f"{csv if csv.exists() else shards[0]} has no {spath.name} next to it (made by an older "
+                       f"mmdit_probe): what it was made with cannot be checked, so it is not resumed; start a new "
+                       f"sweep with another --out")
     recorded = read_settings(spath)
     given = {"mmdit_probe": __version__, "prompts": prompts, "seeds": args.seeds, "extra": _extra(args),
              "metrics": metric_settings(resolve_metrics(None)),
@@ -111,9 +121,7 @@ def _check_resume(args: argparse.Namespace, out: Path, prompts: list[str]) -> No
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    import matplotlib.pyplot as plt  # heavy: only when drawing
-
-    from .. import plot  # matplotlib / seaborn: heavy
+    from ..study.shards import Ranks
 
     names = {m.name: m.on for m in resolve_metrics(None)}
     for opt, name, per_step in (("--metric", args.metric, False), ("--step-metric", args.step_metric, True)):
@@ -130,8 +138,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out, "--out", FILES)
     csv = out / "sweep.csv"
     _check_resume(args, out, prompts)
-    pipe = get_pipeline(args.model, device=args.device, dtype=args.dtype)
-    pipe.set_progress_bar_config(disable=True)  # one bar over the whole sweep instead
+    ranks = Ranks()  # one process unless started by `accelerate launch`
+    device = args.device or (str(ranks.device) if ranks.device is not None else None)
+    pipe = get_pipeline(args.model, device=device, dtype=args.dtype)
+    pipe.set_progress_bar_config(disable=True)  # one bar over the whole sweep (per process) instead
     call = generation_kwargs(args, prompts[0], pipe)
     for k in ("prompt", "generator"):
         call.pop(k)
@@ -141,34 +151,52 @@ def run_sweep(args: argparse.Namespace) -> int:
         call.setdefault("width", scale[0] * scale[1])
     specs, columns = sweep_specs(args.kind, pipe)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"sweep: {len(specs)} ablations x {len(prompts)} prompt(s) x {len(args.seeds)} seed(s) "
-          f"({args.kind}, {call['num_inference_steps']} steps)")
+    if ranks.is_main:
+        print(f"sweep: {len(specs)} ablations x {len(prompts)} prompt(s) x {len(args.seeds)} seed(s) "
+              f"({args.kind}, {call['num_inference_steps']} steps) on {ranks.world} process(es)")
     try:
         df = sweep(pipe, prompts, specs, seeds=args.seeds, save_to=csv, resume=True, progress=not args.no_progress,
-                   settings=_extra(args), **call)
+                   settings=_extra(args), on_error=args.on_error, **call)
     except SweepSettingsError as err:
         raise _refuse(out, err.differences) from None
+    if not ranks.is_main:
+        return 0
+    report = df.attrs["sweep_report"]
+    if args.no_progress:  # otherwise the sweep printed it
+        print(report_text(report))
     paths = {"table": csv, "settings": settings_path(csv)}
     if args.format == "parquet":
         paths["parquet"] = out / "sweep.parquet"
         df.to_parquet(paths["parquet"], index=False)
+    if not len(df):
+        raise CLIError(f"every run of the sweep failed (first: {report['failures'][0][-1]}); nothing to summarise")
     plot_df = _with_columns(df, columns)
-    hue = "quadrant" if "quadrant" in plot_df.columns else None
-    figs = []
-    paths["effect_by_layer"] = out / "effect_by_layer.png"
-    figs.append(plot.effect_by_layer(plot_df, args.metric, x="layer", hue=hue, path=paths["effect_by_layer"]))
-    paths["step_effects"] = out / "step_effects.png"
-    figs.append(plot.step_effect_curves(plot_df, args.step_metric, path=paths["step_effects"]))
-    if args.strip > 0:
-        paths["image_strip"] = out / "image_strip.png"
-        figs.append(_strip(pipe, plot_df, specs, prompts[0], args, call, paths["image_strip"]))
-    for f in figs:
-        plt.close(f)
+    if not args.no_figures:
+        paths.update(_figures(pipe, plot_df, specs, prompts[0], args, call, out))
     _print_summary(plot_df, args.metric)
     print("wrote:")
     for k, v in paths.items():
         print(f"  {k:<16} {v}")
-    return 0
+    return 1 if report["failed"] else 0
+
+
+def _figures(pipe: Any, df: Any, specs: list, prompt: str, args: argparse.Namespace, call: dict,
+             out: Path) -> dict[str, Path]:
+    """Effect by layer, per-step effects and the image strip into ``out``; ``{name: path}``."""
+    import matplotlib.pyplot as plt  # heavy: only when drawing
+
+    from .. import plot  # matplotlib / seaborn: heavy
+
+    paths = {"effect_by_layer": out / "effect_by_layer.png", "step_effects": out / "step_effects.png"}
+    hue = "quadrant" if "quadrant" in df.columns else None
+    figs = [plot.effect_by_layer(df, args.metric, x="layer", hue=hue, path=paths["effect_by_layer"]),
+            plot.step_effect_curves(df, args.step_metric, path=paths["step_effects"])]
+    if args.strip > 0:
+        paths["image_strip"] = out / "image_strip.png"
+        figs.append(_strip(pipe, df, specs, prompt, args, call, paths["image_strip"]))
+    for f in figs:
+        plt.close(f)
+    return paths
 
 
 def _with_columns(df: Any, columns: Any) -> Any:

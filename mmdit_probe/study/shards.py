@@ -13,11 +13,15 @@
   (:func:`~mmdit_probe.study.state.merge_states`: exact integer moment sums, canonical cell order),
   so the merged tables equal a single-process run's bit for bit.
 
-Shards are ``numpy.savez`` files read with ``allow_pickle=False``.
+Shards are ``numpy.savez`` files read with ``allow_pickle=False``. The file naming, the completion
+markers, :class:`Ranks` and :func:`wait_for_shards` also serve the sharded ``sweep``
+(``OUT/shards/<table stem>-<rank>-of-<world>.csv``, see :mod:`mmdit_probe.sweep`): ``name`` / ``ext`` pick
+the files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -29,9 +33,12 @@ import numpy as np
 
 from .state import StudyState
 
-__all__ = ["Ranks", "shard_path", "write_shard", "read_shard", "find_shards", "wait_for_shards", "mark_complete", "ShardError"]
+__all__ = ["Ranks", "shard_path", "write_shard", "read_shard", "find_shards", "wait_for_shards", "mark_complete",
+           "read_marker", "ShardError"]
 
-SHARD_RE = re.compile(r"shard-(\d+)-of-(\d+)\.npz")
+
+def _shard_re(name: str, ext: str) -> re.Pattern:
+    return re.compile(rf"{re.escape(name)}-(\d+)-of-(\d+)\.{re.escape(ext)}")
 
 
 class ShardError(ValueError):
@@ -79,6 +86,11 @@ class Ranks:
         with self.state.split_between_processes(list(items)) as part:
             return list(part)
 
+    def barrier(self) -> None:
+        """Wait until every rank got here (``PartialState.wait_for_everyone``; nothing on one process)."""
+        if self.state is not None and self.world > 1:
+            self.state.wait_for_everyone()
+
     def session_id(self) -> str:
         """A fresh id for this launch, the same on every rank (rank 0's, broadcast)."""
         token = secrets.token_hex(8)
@@ -91,17 +103,19 @@ class Ranks:
         return token
 
 
-def shard_path(out: str | os.PathLike, rank: int, world: int) -> Path:
-    return Path(out) / "shards" / f"shard-{rank:03d}-of-{world:03d}.npz"
+def shard_path(out: str | os.PathLike, rank: int, world: int, name: str = "shard", ext: str = "npz") -> Path:
+    """``OUT/shards/<name>-<rank>-of-<world>.<ext>`` (three-digit numbers)."""
+    return Path(out) / "shards" / f"{name}-{rank:03d}-of-{world:03d}.{ext}"
 
 
-def find_shards(out: str | os.PathLike) -> dict[int, list[Path]]:
-    """Shard files under ``OUT/shards`` by world size."""
+def find_shards(out: str | os.PathLike, name: str = "shard", ext: str = "npz") -> dict[int, list[Path]]:
+    """Shard files under ``OUT/shards`` by world size (each list in rank order)."""
     folder = Path(out) / "shards"
+    pattern = _shard_re(name, ext)
     found: dict[int, list[Path]] = {}
     if folder.is_dir():
         for p in sorted(folder.iterdir()):
-            m = SHARD_RE.fullmatch(p.name)
+            m = pattern.fullmatch(p.name)
             if m:
                 found.setdefault(int(m.group(2)), []).append(p)
     return found
@@ -130,26 +144,37 @@ def read_shard(path: str | os.PathLike) -> StudyState:
         raise ShardError(f"{path}: not a readable study shard ({err}); move it away to start that rank afresh") from err
 
 
-def mark_complete(path: str | os.PathLike, session: str) -> None:
-    """Say that the shard at ``path`` is final for launch ``session`` (a small marker file next to it)."""
+def mark_complete(path: str | os.PathLike, session: str, info: dict | None = None) -> None:
+    """Say that the shard at ``path`` is final for launch ``session`` (a small marker file next to it:
+    the session id, then ``info`` as one JSON line, e.g. the rank's counts of runs done and failed)."""
     from ..io import atomic_write
 
-    atomic_write(Path(str(path) + ".done"), session.encode())
+    text = session if info is None else f"{session}\n{json.dumps(info)}"
+    atomic_write(Path(str(path) + ".done"), text.encode())
+
+
+def read_marker(path: str | os.PathLike) -> tuple[str, dict]:
+    """``(session, info)`` of the completion marker of the shard at ``path`` (``OSError`` if absent)."""
+    session, _, info = Path(str(path) + ".done").read_text().partition("\n")
+    try:
+        return session, (json.loads(info) if info.strip() else {})
+    except ValueError:  # cannot happen with atomic writes; treat as not complete
+        return "", {}
 
 
 def wait_for_shards(out: str | os.PathLike, world: int, session: str, poll: float = 0.5,
-                    timeout: float | None = None) -> list[Path]:
+                    timeout: float | None = None, name: str = "shard", ext: str = "npz") -> list[Path]:
     """The ``world`` shard paths, once every rank has marked its shard complete for ``session``.
 
     Polls small marker files rather than a collective barrier, so ranks may finish hours apart.
     """
     start = time.monotonic()
-    paths = [shard_path(out, r, world) for r in range(world)]
+    paths = [shard_path(out, r, world, name, ext) for r in range(world)]
     while True:
         ready = 0
         for p in paths:
             try:
-                ready += Path(str(p) + ".done").read_text() == session
+                ready += read_marker(p)[0] == session
             except OSError:
                 pass
         if ready == world:
