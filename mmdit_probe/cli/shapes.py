@@ -16,9 +16,11 @@ from .common import PROG, Subcommand
 #: subcommand -> (module, entry point taking argv, one-line help)
 DELEGATED: dict[str, tuple[str, str, str]] = {
     "train-shapes": ("mmdit_probe.shapes.train", "train_main",
-                     "train the embedded shapes model (VAE + MMDiT) on this CPU; resumable checkpoints"),
+                     "train the embedded shapes model (VAE + SD3 MMDiT, or --arch flux: a Flux transformer on its "
+                     "VAE and text encoders); --device cuda; resumable checkpoints"),
     "evaluate-shapes": ("mmdit_probe.shapes.evaluate", "evaluate_main",
-                        "measure the shapes model: prompt adherence, word grounding per layer, ablation sanity"),
+                        "measure the shapes model (SD3 or Flux): prompt adherence, word grounding per layer and "
+                        "block kind, ablation sanity"),
     "recover-shapes": ("mmdit_probe.shapes.recovery", "recovery_main",
                        "when are shapes decided: finish noised ground-truth scenes from each noise level"),
 }

@@ -27,7 +27,7 @@ from .world import world_vocab
 __all__ = [
     "ModelConfig", "ASSET_DIR", "build_vae", "build_transformer", "build_pipeline", "text_encoder_state",
     "encoder_checksum", "shapes_pipeline", "shapes_prompt_examples", "save_assets", "load_config",
-    "default_pipeline", "default_run_kwargs", "TINY_RUN_KWARGS", "SD3_RUN_KWARGS",
+    "default_pipeline", "default_run_kwargs", "TINY_RUN_KWARGS", "SD3_RUN_KWARGS", "ARCHS", "weights_arch",
 ]
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes"
@@ -35,6 +35,7 @@ JOINT_DIM, POOLED_DIM = 32, 64  # sizes of the in-code text encoders (models.py 
 #: run kwargs of the random tiny pipelines (small and fast) and of real SD3 / SD3.5 checkpoints
 TINY_RUN_KWARGS = {"num_inference_steps": 8, "guidance_scale": 5.0, "max_sequence_length": 16}
 SD3_RUN_KWARGS = {"num_inference_steps": 28, "guidance_scale": 5.0, "max_sequence_length": 256}
+ARCHS = ("sd3", "flux")  # transformer architectures of the shapes model (train-shapes --arch)
 
 
 @dataclass(frozen=True)
@@ -137,14 +138,32 @@ def load_config(path: Path = ASSET_DIR) -> tuple[ModelConfig, dict]:
     return ModelConfig(**m), meta
 
 
-def shapes_pipeline(device: str = "cpu", torch_dtype: torch.dtype = torch.float32,
-                    path: str | Path | None = None) -> StableDiffusion3Pipeline:
-    """The trained shapes-world SD3 pipeline from the shipped weights (no download).
+def weights_arch(path: str | Path) -> str:
+    """Architecture of the shapes weights in ``path``: ``config.json``'s ``"arch"`` (``"sd3"`` when absent)."""
+    return str(json.loads((Path(path) / "config.json").read_text()).get("arch", "sd3"))
 
-    Generate 64x64 images with ``pipe(prompt, **default_run_kwargs(pipe))`` (the trained steps,
-    guidance and T5 length, also in ``pipe.shapes_config``); ``max_sequence_length`` must be the
-    trained one.
+
+def shapes_pipeline(device: str = "cpu", torch_dtype: torch.dtype = torch.float32,
+                    path: str | Path | None = None, arch: str | None = None) -> Any:
+    """The trained shapes-world pipeline from the shipped weights (no download).
+
+    ``arch``: ``"sd3"`` (the default model, a ``StableDiffusion3Pipeline``) or ``"flux"`` (a ``FluxPipeline``
+    from ``assets/shapes_flux/``, see :mod:`.flux_model`); with ``path`` and no ``arch`` the folder's
+    ``config.json`` says which. Generate 64x64 images with ``pipe(prompt, **default_run_kwargs(pipe))``
+    (the trained steps, guidance and T5 length, also in ``pipe.shapes_config``); ``max_sequence_length``
+    must be the trained one.
     """
+    if arch is not None and arch not in ARCHS:
+        raise ValueError(f"unknown shapes arch {arch!r}; use one of {ARCHS}")
+    found = weights_arch(path) if path is not None else (arch or "sd3")
+    if arch is not None and found != arch:
+        raise ValueError(f"{path} holds a {found!r} shapes model, not {arch!r}: pass arch={found!r} or leave it out")
+    if found == "flux":
+        from .flux_model import flux_shapes_pipeline
+
+        return flux_shapes_pipeline(path, device=device, torch_dtype=torch_dtype)
+    if found != "sd3":
+        raise ValueError(f"{path}/config.json names arch {found!r}; supported: {ARCHS}")
     root = Path(path) if path is not None else ASSET_DIR
     cfg, meta = load_config(root)
     transformer, vae = build_transformer(cfg), build_vae(cfg)

@@ -1,22 +1,24 @@
-"""Train the shapes-world SD3 model: VAE first, then the MMDiT with SD3 rectified-flow matching.
+"""Train the shapes-world model (SD3, or a Flux transformer with --arch flux) with rectified-flow matching.
 
-``python -m mmdit_probe.shapes.train --out DIR [--minutes M | --max-steps N] [--threads T] [--resume] [--ship]``
+SD3 (the default) trains a VAE first, then the MMDiT; ``--arch flux`` trains only a Flux transformer, on the
+shipped SD3 model's VAE and text encoders (:mod:`.train_flux`).
+
+``python -m mmdit_probe.shapes.train --out DIR [--arch sd3|flux] [--minutes M | --max-steps N] [--device D]
+[--threads T] [--resume] [--ship]``
 
 Resumable: the transformer phase checkpoints every ``--ckpt-minutes`` into ``DIR``; ``--resume``
 continues from the last checkpoint (step counter, optimiser, EMA and elapsed time). ``--minutes``
 is the total time budget of the transformer phase (the defaults reproduce the shipped v5);
 ``--max-steps`` stops after a fixed number of steps instead (then the learning-rate schedule
-follows steps, so a run is repeatable).
+follows steps, so a run is repeatable). ``--device cuda`` runs the transformer phase (and, for Flux,
+the latent encoding) on the GPU; SD3's VAE phases stay on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
-import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .model import ASSET_DIR, ModelConfig, build_pipeline, build_transformer, build_vae, save_assets
+from .fit import FlowData, fit_flow, lr_factor as _lr_factor, sample_sigmas  # noqa: F401  (re-exported names)
+from .model import ARCHS, ASSET_DIR, ModelConfig, build_pipeline, build_transformer, build_vae, save_assets
 from .world import WorldConfig, all_captions, make_batch
 
 __all__ = ["TrainConfig", "images_tensor", "encoder_masks", "train", "train_main", "build_parser"]
@@ -57,6 +60,27 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 25
     threads: int = 2  # intra-op threads of the transformer phase (the VAE phases always use 1, see train())
+    arch: str = "sd3"  # "sd3" (VAE + SD3 MMDiT) or "flux" (FluxTransformer2DModel on the base model's VAE/encoders)
+    device: str = "cpu"  # device of the transformer phase ("cuda", "cuda:1", ...)
+    base: str = ""  # --arch flux: the SD3 shapes weights whose VAE and text encoders are used ("": the shipped ones)
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, before anything is computed."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; use one of {ARCHS}")
+        if self.arch == "flux" and self.encoder_dropout > 0:
+            raise ValueError("--encoder-dropout drops SD3's three text encoders; Flux has one text stream (T5) and "
+                             "CLIP pooled only: leave it at 0 with --arch flux")
+        if self.arch == "sd3" and self.base:
+            raise ValueError("--base picks the VAE/text encoders of a Flux run; SD3 trains its own: drop it")
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"bad --device {self.device!r} ({err}); use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device} but torch sees no CUDA GPU here; use --device cpu")
+        if self.batch < 1 or self.minutes <= 0 and self.max_steps <= 0:
+            raise ValueError("--batch must be >= 1 and one of --minutes / --max-steps positive")
 
 
 def images_tensor(images: np.ndarray) -> torch.Tensor:
@@ -119,10 +143,10 @@ def finetune_decoder(vae, images: torch.Tensor, minutes: float, tc: TrainConfig,
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image (fp16)."""
+    """Posterior mean and std of every image (fp16, on the VAE's device)."""
     means, stds = [], []
     for i in range(0, len(images), chunk):
-        d = vae.encode(images[i:i + chunk]).latent_dist
+        d = vae.encode(images[i:i + chunk].to(vae.device)).latent_dist
         means.append(d.mean.half())
         stds.append(d.std.half())
     return torch.cat(means), torch.cat(stds)
@@ -157,33 +181,44 @@ def encoder_masks(pipe, max_sequence_length: int) -> tuple[torch.Tensor, torch.T
     return tokens, pooled
 
 
-def _lr_factor(tc: TrainConfig, step: int, elapsed: float) -> float:
-    warm = min(1.0, (step + 1) / tc.warmup)
-    progress = step / tc.max_steps if tc.max_steps else elapsed / max(tc.minutes * 60, 1e-9)
-    return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+def open_log(out: Path):
+    """``(log(msg), close())`` appending time-stamped lines to ``out/train.log``."""
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "train.log", "a")
+
+    def log(msg: str) -> None:
+        logf.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+        logf.flush()
+
+    return log, logf.close
 
 
-def sample_sigmas(n: int, shift: float, g: torch.Generator) -> torch.Tensor:
-    """SD3 logit-normal sigmas (mean 0, std 1), shifted like the inference scheduler."""
-    s = torch.sigmoid(torch.randn(n, generator=g))
-    return shift * s / (1 + (shift - 1) * s)
+def sd3_velocity(model, xt: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
+                 pooled: torch.Tensor) -> torch.Tensor:
+    """SD3's prediction for latents ``xt`` ``[B,C,H,W]`` at ``sigma`` ``[B]`` (timestep 1000σ, as the pipeline
+    calls it)."""
+    return model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=text, pooled_projections=pooled).sample
 
 
-def _save_ckpt(out: Path, transformer, ema, opt, step: int, elapsed: float, losses: list[float]) -> None:
-    tmp = out / "ckpt.tmp"
-    tmp.mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(tmp / "transformer.safetensors"))
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-    torch.save({"opt": opt.state_dict()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed": elapsed, "losses": losses[-200:]}))
-    final = out / "ckpt"
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+def train(tc: TrainConfig, mc=None, *, resume: bool = False, ship: bool = False) -> dict:
+    """Run the phases into ``tc.out``; return a summary dict (also written to ``summary.json``).
+
+    ``tc.arch == "flux"`` trains only a Flux transformer (:func:`.train_flux.train_flux`; ``mc`` then a
+    :class:`~.flux_model.FluxModelConfig`); else VAE + SD3 MMDiT (``mc`` a :class:`ModelConfig`)."""
+    tc.check()
+    threads = torch.get_num_threads()
+    try:  # the phases set their own thread counts; the caller's is restored
+        if tc.arch == "flux":
+            from .train_flux import train_flux
+
+            return train_flux(tc, mc, resume=resume, ship=ship)
+        return _train_sd3(tc, ModelConfig() if mc is None else mc, resume=resume, ship=ship)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = False, ship: bool = False) -> dict:
-    """Run both phases into ``tc.out``; return a summary dict (also written to ``summary.json``)."""
+def _train_sd3(tc: TrainConfig, mc: ModelConfig, *, resume: bool, ship: bool) -> dict:
+    """VAE, latents, SD3 MMDiT (:func:`.fit.fit_flow`), decoder fine-tuning; the final weights (see :func:`train`)."""
     torch.set_flush_denormal(True)
     # The VAE phases run single-threaded: with 2 intra-op threads a VAE step on real scenes took
     # ~10x longer (subnormal floats in the worker threads, which set_flush_denormal does not reach).
@@ -191,12 +226,7 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
     # (--threads 2, the default since v5; v1/v2 were trained with 1).
     torch.set_num_threads(1)
     out = Path(tc.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "train.log", "a")
-
-    def log(msg: str) -> None:
-        logf.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
-        logf.flush()
+    log, close_log = open_log(out)
 
     t0 = time.time()
     batch = make_batch(tc.n_scenes, tc.seed, WorldConfig(grid=tc.grid), split="train")
@@ -229,73 +259,20 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
     captions = all_captions()
     cap_index = {c: i for i, c in enumerate(captions)}
     emb, pooled = encode_captions(pipe, captions + [""], mc.max_sequence_length)
-    null = len(captions)
-    tok_masks, pool_masks = encoder_masks(pipe, mc.max_sequence_length)
     cap_ids = torch.tensor([cap_index[c] for c in batch.captions])
     del batch
+    data = FlowData(mean, shift_f, scale_f, emb, pooled, cap_ids, len(captions))
+    conditioner = None
+    if tc.encoder_dropout > 0:  # SD3's independent per-encoder dropout (zeros, as the pipeline feeds without T5)
+        tok_masks, pool_masks = (m.to(tc.device) for m in encoder_masks(pipe, mc.max_sequence_length))
 
-    ema = copy.deepcopy(transformer).requires_grad_(False)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=tc.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step, elapsed, losses = 0, 0.0, []
-    if resume and (out / "ckpt" / "state.json").exists():
-        ck = out / "ckpt"
-        transformer.load_state_dict(load_file(str(ck / "transformer.safetensors")))
-        ema.load_state_dict(load_file(str(ck / "ema.safetensors")))
-        opt.load_state_dict(torch.load(ck / "optimizer.pt")["opt"])
-        st = json.loads((ck / "state.json").read_text())
-        step, elapsed, losses = st["step"], st["elapsed"], st["losses"]
-        log(f"resumed at step {step} ({elapsed / 60:.1f} min)")
-    transformer.train()
-    bar = tqdm(desc="transformer", unit="step", initial=step, total=tc.max_steps or None, file=sys.stdout,
-               mininterval=5)
-    seg_start, last_ckpt = time.time(), time.time()
-    base_elapsed = elapsed
-    loss_avg = losses[-1] if losses else None
-    while True:
-        elapsed = base_elapsed + time.time() - seg_start
-        if (tc.max_steps and step >= tc.max_steps) or (not tc.max_steps and elapsed >= tc.minutes * 60):
-            break
-        g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-        idx = torch.randint(len(cap_ids), (tc.batch,), generator=g)
-        x0 = (mean[idx].float() - shift_f) * scale_f  # posterior mean: deterministic latents
-        noise = torch.randn(x0.shape, generator=g)
-        sig = sample_sigmas(tc.batch, mc.scheduler_shift, g)
-        xt = (1 - sig.view(-1, 1, 1, 1)) * x0 + sig.view(-1, 1, 1, 1) * noise
-        ci = cap_ids[idx].clone()
-        ci[torch.rand(tc.batch, generator=g) < tc.caption_dropout] = null
-        cond, cond_pooled = emb[ci], pooled[ci]
-        if tc.encoder_dropout > 0:  # SD3's independent per-encoder dropout (zeros, as the pipeline feeds without T5)
-            drop = (torch.rand(tc.batch, 3, generator=g) < tc.encoder_dropout).float()
-            cond = cond * (1 - torch.einsum("be,etd->btd", drop, tok_masks))
-            cond_pooled = cond_pooled * (1 - drop @ pool_masks)
-        pred = transformer(hidden_states=xt, timestep=sig * 1000, encoder_hidden_states=cond,
-                           pooled_projections=cond_pooled).sample
-        loss = (pred - (noise - x0)).pow(2).mean()
-        for group in opt.param_groups:
-            group["lr"] = tc.lr * _lr_factor(tc, step, elapsed)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(tc.ema, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), transformer.parameters()):
-                pe.lerp_(p, 1 - d)
-        step += 1
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        bar.update(1)
-        if step % tc.log_every == 0:
-            losses.append(round(loss_avg, 5))
-            bar.set_postfix(loss=f"{loss_avg:.4f}")
-            log(f"step {step} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} elapsed {elapsed / 60:.1f}m")
-        if time.time() - last_ckpt > tc.ckpt_minutes * 60:
-            _save_ckpt(out, transformer, ema, opt, step, base_elapsed + time.time() - seg_start, losses)
-            last_ckpt = time.time()
-            log(f"checkpoint at step {step}")
-    bar.close()
-    elapsed = base_elapsed + time.time() - seg_start
-    _save_ckpt(out, transformer, ema, opt, step, elapsed, losses)
-    ema.eval()
+        def conditioner(cond, cond_pooled, g):
+            drop = (torch.rand(cond.shape[0], 3, generator=g, device=g.device) < tc.encoder_dropout).float()
+            return (cond * (1 - torch.einsum("be,etd->btd", drop, tok_masks)), cond_pooled * (1 - drop @ pool_masks))
+
+    fit = fit_flow(tc, transformer, sd3_velocity, data, mc.scheduler_shift, out, log, resume=resume,
+                   conditioner=conditioner)
+    ema = fit.ema.to("cpu")
     dec_file = out / "vae_ft.safetensors"
     if resume and dec_file.exists():
         vae.load_state_dict(load_file(str(dec_file)))
@@ -309,7 +286,7 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
         dec_mse = vae_mse
     vae.register_to_config(scaling_factor=scale_f, shift_factor=shift_f)
     final_pipe = build_pipeline(mc, ema, vae)
-    summary = {"steps": step, "transformer_minutes": round(elapsed / 60, 2), "final_loss": loss_avg,
+    summary = {"steps": fit.steps, "transformer_minutes": round(fit.seconds / 60, 2), "final_loss": fit.final_loss,
                "vae_mse": vae_mse, "decoder_mse": dec_mse, "train": dataclasses.asdict(tc),
                "total_wall_minutes_this_run": round((time.time() - t0) / 60, 2)}
     save_assets(final_pipe, mc, out / "final", extra={"training": summary})
@@ -317,7 +294,7 @@ def train(tc: TrainConfig, mc: ModelConfig = ModelConfig(), *, resume: bool = Fa
         save_assets(final_pipe, mc, ASSET_DIR, extra={"training": summary})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {summary}")
-    logf.close()
+    close_log()
     return summary
 
 
@@ -326,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="mmdit-probe train-shapes", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="run directory (checkpoints, log, final weights)")
+    p.add_argument("--arch", choices=ARCHS, default=d.arch,
+                   help="sd3: VAE + SD3 MMDiT (the default model); flux: a Flux transformer (double + single-stream "
+                        "blocks) on the shipped model's VAE and text encoders")
+    p.add_argument("--device", default=d.device, help="device of the transformer phase (cpu, cuda, cuda:N)")
+    p.add_argument("--base", default=d.base,
+                   help="--arch flux: the SD3 shapes weights whose VAE and text encoders are used (default: shipped)")
     p.add_argument("--minutes", type=float, default=d.minutes, help="transformer time budget (total, incl. resumed)")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (0: use --minutes)")
     p.add_argument("--vae-minutes", type=float, default=d.vae_minutes, help="VAE training time budget")
@@ -333,14 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder-only fine-tuning after the transformer (encoder frozen)")
     p.add_argument("--n-scenes", type=int, default=d.n_scenes, help="training scenes generated")
     p.add_argument("--batch", type=int, default=d.batch, help="transformer batch size")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the transformer (AdamW)")
     p.add_argument("--encoder-dropout", type=float, default=d.encoder_dropout,
                    help="zero each text encoder independently with this probability (SD3: 0.463; 0: off)")
     p.add_argument("--grid", type=int, default=d.grid, help="snap object sizes/boxes to this many pixels (1: off)")
     p.add_argument("--ckpt-minutes", type=float, default=d.ckpt_minutes, help="minutes between checkpoints")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of scenes and initialisation")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss lines in train.log")
     p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads of the transformer phase")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--ship", action="store_true", help="also write the final weights into the package assets")
+    p.add_argument("--ship", action="store_true",
+                   help="also write the final weights into the package assets (assets/shapes/, or assets/shapes_flux/)")
     return p
 
 
@@ -349,6 +335,7 @@ def train_main(argv: list[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
     given = vars(a)  # every option named like a TrainConfig field sets it; --resume/--ship are not fields
     tc = TrainConfig(**{f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given})
+    tc.check()
     return train(tc, resume=a.resume, ship=a.ship)
 
 
