@@ -24,6 +24,8 @@ from .sweep import ablate_each_head, knock_out_each_quadrant, skip_each_layer, s
 from .sweep_settings import SweepFileError, SweepSettingsError
 from .explorer import Explorer, ExploreBudgetError, explore
 from .study import study
+from .concepts import ConceptError, ConceptMaps, ConceptProbe, concept_maps
+from .analyse import ImageAnalysis, analyse_image
 from .steps import Schedule, StepStudy, image_convergence, interpolate_at_sigmas, layer_groups, plot_mass_vs_sigma, schedule, step_count_study
 
 __version__ = "0.1.0"
@@ -41,6 +43,18 @@ def __getattr__(name):  # keep `import mmdit_probe` light: models pull in diffus
         from .tiny_flux import tiny_flux_pipeline
 
         return tiny_flux_pipeline
+    if name == "tiny_flux2_pipeline":
+        from .tiny_flux2 import tiny_flux2_pipeline
+
+        return tiny_flux2_pipeline
+    if name == "tiny_qwen_image_pipeline":
+        from .tiny_qwen import tiny_qwen_image_pipeline
+
+        return tiny_qwen_image_pipeline
+    if name == "tiny_chroma_pipeline":
+        from .tiny_chroma import tiny_chroma_pipeline
+
+        return tiny_chroma_pipeline
     if name == "plot":
         import importlib
 
@@ -48,6 +62,8 @@ def __getattr__(name):  # keep `import mmdit_probe` light: models pull in diffus
     raise AttributeError(f"module 'mmdit_probe' has no attribute {name!r}")
 
 __all__ = [
+    "concept_maps", "ConceptProbe", "ConceptMaps", "ConceptError", "analyse_image", "ImageAnalysis",
+    "tiny_flux2_pipeline", "tiny_qwen_image_pipeline", "tiny_chroma_pipeline",
     "AttentionRecorder", "AttentionResult", "TokenLayout", "TextToken", "MapSelection", "MapBudgetError",
     "QUADRANTS", "KEY_GROUPS", "QUERY_GROUPS", "TEXT_GROUPS", "Stat", "ProbeController", "ProbeProcessor", "Site",
     "BRANCHES", "CallContext", "CallContextError", "AttentionCall", "Edit", "Statistic", "SelectionError", "Mass", "GroupMass", "Entropy", "KeyMass", "WordMap",

@@ -8,8 +8,37 @@ float64, applying the qk RMS-norms the way diffusers' processor does.
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
+
+
+@contextlib.contextmanager
+def kernel_inputs(transformer, masks: bool = False):
+    """Every ``(q, k)`` ``[B, H, S, D]`` (with ``masks``: ``(q, k, attn_mask)``) the attention kernel
+    (``F.scaled_dot_product_attention``) receives inside ``transformer``'s forward (the text encoders use it too)."""
+    seen, active = [], {"on": False}
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        if active["on"]:
+            q = kwargs.get("query", args[0] if args else None)
+            k = kwargs.get("key", args[1] if len(args) > 1 else None)
+            item = (q.detach().clone(), k.detach().clone())
+            if masks:
+                item += (kwargs["attn_mask"].detach().clone(),)
+            seen.append(item)
+        return real(*args, **kwargs)
+
+    hooks = [transformer.register_forward_pre_hook(lambda *a: active.__setitem__("on", True)),
+             transformer.register_forward_hook(lambda *a: active.__setitem__("on", False))]
+    try:
+        with mock.patch("torch.nn.functional.scaled_dot_product_attention", spy):
+            yield seen
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @contextlib.contextmanager

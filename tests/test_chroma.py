@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from unittest import mock
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mmdit_probe as mp
 from diffusers.hooks import LayerSkipConfig, apply_layer_skip
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
+from reference import kernel_inputs as reference_kernel_inputs
 
 from mmdit_probe.ablate import AblationError
 from mmdit_probe.families.chroma import ChromaFamily
@@ -39,26 +38,9 @@ def pipe():
     return tiny_chroma_pipeline(seed=1)
 
 
-@contextlib.contextmanager
 def kernel_inputs(transformer):
     """Every ``(q, k, attn_mask)`` the attention kernel receives inside the transformer's forward."""
-    seen, active = [], {"on": False}
-    real = F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        if active["on"]:
-            q, k = kwargs.get("query", args[0] if args else None), kwargs.get("key", args[1] if len(args) > 1 else None)
-            seen.append((q.detach().clone(), k.detach().clone(), kwargs["attn_mask"].detach().clone()))
-        return real(*args, **kwargs)
-
-    hooks = [transformer.register_forward_pre_hook(lambda *a: active.__setitem__("on", True)),
-             transformer.register_forward_hook(lambda *a: active.__setitem__("on", False))]
-    try:
-        with mock.patch("torch.nn.functional.scaled_dot_product_attention", spy):
-            yield seen
-    finally:
-        for h in hooks:
-            h.remove()
+    return reference_kernel_inputs(transformer, masks=True)
 
 
 def masked_softmax64(q, k, mask, knocked=None):

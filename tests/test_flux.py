@@ -9,14 +9,12 @@ identity block written here, returning the block's inputs in its own ``(text, im
 
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mmdit_probe as mp
+from reference import kernel_inputs
 
 PROMPT = "a red circle left of a blue square"
 KW = dict(height=32, width=40, max_sequence_length=16, num_inference_steps=2, output_type="pt")
@@ -27,27 +25,6 @@ def pipe():
     return mp.tiny_flux_pipeline(seed=1)
 
 
-@contextlib.contextmanager
-def kernel_inputs(transformer):
-    """Every ``(q, k)`` ``[B, H, S, D]`` the attention kernel receives inside the transformer's forward."""
-    seen, active = [], {"on": False}
-    real = F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        if active["on"]:
-            q = kwargs.get("query", args[0] if args else None)
-            k = kwargs.get("key", args[1] if len(args) > 1 else None)
-            seen.append((q.detach().clone(), k.detach().clone()))
-        return real(*args, **kwargs)
-
-    hooks = [transformer.register_forward_pre_hook(lambda *a: active.__setitem__("on", True)),
-             transformer.register_forward_hook(lambda *a: active.__setitem__("on", False))]
-    try:
-        with mock.patch("torch.nn.functional.scaled_dot_product_attention", spy):
-            yield seen
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def test_recording_is_exact_and_bitwise(pipe):
@@ -189,3 +166,20 @@ def test_schedule_is_the_one_the_pipeline_runs(pipe):
         hook.remove()
     sched = mp.schedule(pipe, 4, height=KW["height"], width=KW["width"])
     assert len(seen) == 4 and sched.timesteps == pytest.approx(seen, abs=1e-3)
+
+
+def test_one_negative_prompt_for_a_batch_of_prompts(pipe):
+    """True CFG with one negative prompt for two prompts: the uncond call's single text row is broadcast by the model;
+    every uncond row is labelled with the negative prompt's layout, and the output is unchanged."""
+    kw = {**KW, "num_inference_steps": 1}
+    prompts = [PROMPT, "a green triangle"]
+    base = pipe(prompts, negative_prompt="a blue star", true_cfg_scale=4.0, generator=torch.manual_seed(0), **kw).images
+    with mp.AttentionRecorder(pipe, words=True) as rec:
+        out = pipe(prompts, negative_prompt="a blue star", true_cfg_scale=4.0, generator=torch.manual_seed(0), **kw).images
+    assert torch.equal(out, base)
+    res = rec.result
+    neg = mp.prompt_layout(pipe, "a blue star", height=KW["height"], width=KW["width"], max_sequence_length=16)
+    uncond = [lay for b, lay in zip(res.branches, res.layouts) if b == "uncond"]
+    cond = [lay for b, lay in zip(res.branches, res.layouts) if b == "cond"]
+    assert len(uncond) == 2 and all(lay.text == neg.text for lay in uncond)
+    assert [lay.prompt for lay in cond] == prompts

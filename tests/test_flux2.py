@@ -17,7 +17,6 @@ from unittest import mock
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import Flux2Pipeline
 from diffusers.hooks import LayerSkipConfig, apply_layer_skip
 from diffusers.models.transformers import transformer_flux2
@@ -32,6 +31,7 @@ from mmdit_probe.families.flux2 import HIDDEN_LAYERS
 from mmdit_probe.families.flux2_layout import chat_ids, chat_layout
 from mmdit_probe.layout import WordTruncatedError
 from mmdit_probe.tiny_flux2 import make_mistral_tokenizer, tiny_flux2_pipeline
+from reference import kernel_inputs
 
 PROMPT = "a red circle left of a blue square"
 L = 48  # max_sequence_length: BOS + system message + markers + prompt + padding
@@ -57,27 +57,6 @@ def sites(pipe):
     return [b.attn for b in list(tr.transformer_blocks) + list(tr.single_transformer_blocks)]
 
 
-@contextlib.contextmanager
-def kernel_inputs(transformer):
-    """Every ``(q, k)`` ``[B, H, S, D]`` the attention kernel receives inside the transformer's forward."""
-    seen, active = [], {"on": False}
-    real = F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        if active["on"]:
-            q = kwargs.get("query", args[0] if args else None)
-            k = kwargs.get("key", args[1] if len(args) > 1 else None)
-            seen.append((q.detach().clone(), k.detach().clone()))
-        return real(*args, **kwargs)
-
-    hooks = [transformer.register_forward_pre_hook(lambda *a: active.__setitem__("on", True)),
-             transformer.register_forward_hook(lambda *a: active.__setitem__("on", False))]
-    try:
-        with mock.patch("torch.nn.functional.scaled_dot_product_attention", spy):
-            yield seen
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_flux import kernel_inputs
+from reference import kernel_inputs
 
 import mmdit_probe as mp
 from mmdit_probe.families import FluxFamily

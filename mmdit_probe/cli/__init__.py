@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser (built-in and registered subcommands)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Mechanistic interpretability for MMDiT diffusion transformers (SD3 / SD3.5): record exact "
+        description="Mechanistic interpretability for MMDiT diffusion transformers (SD3 / SD3.5, Flux.1, Chroma, Qwen-Image, Flux.2): record exact "
                     "per-head joint attention, plot quadrant maps and word heatmaps, run ablation sweeps.",
         epilog=f"Run `{PROG} <command> --help` for the options of each command. Start with `{PROG} demo`.",
     )

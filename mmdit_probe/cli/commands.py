@@ -13,6 +13,7 @@ from typing import Any
 from PIL import Image
 
 from .. import AttentionRecorder, AttentionResult, MapSelection
+from ..describe_table import call_default
 from .common import (CLIError, Subcommand, add_model_arguments, check_map_steps, check_output_file, check_output_folder,
                      generation_kwargs, get_pipeline, open_image, parse_int_list, set_progress, warn,
                      warn_if_not_finite)
@@ -43,13 +44,15 @@ def record_run(args: argparse.Namespace, *, groups: bool, words: bool, entropy: 
     pipe = get_pipeline(args.model, device=args.device, dtype=args.dtype)
     set_progress(pipe, args)
     kw = generation_kwargs(args, args.prompt, pipe)
-    check_map_steps(maps or [], getattr(args, "maps", []), kw["num_inference_steps"])
+    run = {name: kw.get(name, call_default(pipe, name)) for name in ("num_inference_steps", "guidance_scale",
+                                                                       "max_sequence_length")}
+    check_map_steps(maps or [], getattr(args, "maps", []), run["num_inference_steps"])
     with AttentionRecorder(pipe, groups=groups, words=words, entropy=entropy, key_mass=key_mass,
                            maps=maps or None) as rec:
         image = pipe(**kw).images[0]
     res = rec.result
-    res.meta["run"] = {"prompt": args.prompt, "model": args.model, "steps": kw["num_inference_steps"],
-                       "seed": args.seed, "guidance": kw["guidance_scale"], "max_sequence_length": kw["max_sequence_length"],
+    res.meta["run"] = {"prompt": args.prompt, "model": args.model, "steps": run["num_inference_steps"],
+                       "seed": args.seed, "guidance": run["guidance_scale"], "max_sequence_length": run["max_sequence_length"],
                        "height": image.size[1], "width": image.size[0]}
     warn_if_not_finite(args, res)
     return res, image

@@ -120,7 +120,7 @@ def run_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     base = default_run_kwargs(pipe, embedded=is_embedded(args.model))
     given = {"num_inference_steps": args.steps, "guidance_scale": getattr(args, "guidance", None),
              "max_sequence_length": args.max_sequence_length}
-    return {k: base[k] if given[k] is None else given[k] for k in base}
+    return {**base, **{k: v for k, v in given.items() if v is not None}}
 
 
 def generation_kwargs(args: argparse.Namespace, prompt: str, pipe: Any) -> dict[str, Any]:

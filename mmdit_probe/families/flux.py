@@ -62,6 +62,8 @@ class FluxFamily(Family):
             raise ValueError(f"hidden_states has {hs.shape[1]} image tokens but img_ids describe {groups.n_image} "
                              f"generated + {groups.n_context} context tokens; pass img_ids of the same sequence")
         timestep = (t.reshape(-1)[0].detach() * 1000) if torch.is_tensor(t) else torch.tensor(float("nan"))
+        if ehs is not None and ehs.shape[0] == 1 < hs.shape[0]:  # one negative prompt for a batch: the blocks broadcast it
+            ehs = ehs.expand(hs.shape[0], -1, -1)
         return CallInputs(hs.shape[0], groups.grid, 0 if ehs is None else ehs.shape[1], timestep, ehs, False,
                               groups.context_grid)
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..families import resolve_family
+
 from ..models import (  # diffusers classes via models: it imports the pipelines without transformers' noise
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
@@ -217,8 +219,11 @@ def default_pipeline(**kwargs: Any) -> StableDiffusion3Pipeline:
 def default_run_kwargs(pipe: Any, embedded: bool = True) -> dict[str, Any]:
     """``num_inference_steps``, ``guidance_scale`` and ``max_sequence_length`` that suit ``pipe``: those
     it ships with (``pipe.shipped_run_kwargs``, set by :func:`shapes_pipeline` / :func:`default_pipeline`),
-    else :data:`TINY_RUN_KWARGS` for ``embedded`` (tiny) pipelines and :data:`SD3_RUN_KWARGS` for real checkpoints."""
+    else :data:`TINY_RUN_KWARGS` for ``embedded`` (tiny) pipelines, :data:`SD3_RUN_KWARGS` for real SD3 checkpoints
+    and nothing (the pipeline's own defaults) for other families' checkpoints."""
     shipped = getattr(pipe, "shipped_run_kwargs", None)
     if shipped:
         return dict(shipped)
+    if not embedded and resolve_family(pipe).name != "sd3":
+        return {}  # another family's checkpoint: its pipeline's own call defaults
     return dict(TINY_RUN_KWARGS if embedded else SD3_RUN_KWARGS)
