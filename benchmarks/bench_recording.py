@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     print(f"\n{args.preset} on {device_name}: {layers} layers, {preset.heads}×{preset.head_dim} heads, "
           f"{n_img} image + {preset.t5_len + (0 if flux else 77)} text tokens, batch {1 if flux else 2}, "
           f"{preset.steps} steps, {preset.dtype}")
-    print(f"| mode | median s | × time | peak MiB | × memory |\n|---|---|---|---|---|")
+    print("| mode | median s | × time | peak MiB | × memory |\n|---|---|---|---|---|")
     for name, r in rows.items():
         if r["error"]:
             print(f"| {name} | — | {r['error']} | — | — |")

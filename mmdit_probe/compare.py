@@ -7,7 +7,7 @@ a transformer vs the same transformer with a LoRA adapter (:func:`lora_parameter
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 

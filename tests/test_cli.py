@@ -16,7 +16,6 @@ import pytest
 
 import mmdit_probe as mp
 from mmdit_probe import cli
-from mmdit_probe.cli.shapes import DELEGATED
 from mmdit_probe.shapes import default_pipeline, default_run_kwargs
 
 

@@ -213,7 +213,6 @@ class Study:
         ``where={"branch": "cond"}`` keeps only those cells. ``statistic`` defaults to the cell statistics
         (``word_map``: one row per word, branch and pixel).
         """
-        import pandas as pd
 
         level, n_boot, seed = self._opts(level, n_boot, seed)
         names = self.settings if setting is None else [self._setting(setting)] if isinstance(setting, str) else [
@@ -233,7 +232,6 @@ class Study:
     def prompt_means(self, by: Sequence[str] | None = None, *, setting: str | None = None,
                      statistic: str = "mass", where: dict | None = None) -> Any:
         """Each prompt's mean per group of ``by``: ``prompt_index, prompt, <by>, value`` (what the bootstrap resamples)."""
-        import pandas as pd
 
         name = self._setting(setting)
         frames = []
