@@ -13,10 +13,11 @@ text keys per attention call; memory ``O(steps × layers × rows × heads)``. Ev
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from .concepts import ConceptMaps, ConceptProbe
 from .context import CallContext
 from .hooks import AttentionCall, Handle, ProbeController, model_blocks, resolve_transformer
 from .kernels import probabilities
@@ -44,6 +45,9 @@ class AttentionRecorder:
         map_budget_bytes: refuse full maps and word maps needing more than this (checked before allocating).
         layout: ``TokenLayout`` (or one per batch row) when recording a bare transformer.
         branches: branch name per batch row for a bare transformer (default all ``"cond"``).
+        concepts: words to carry as read-only concept tokens (:class:`~mmdit_probe.ConceptProbe`, the pipeline's
+            own encoders); their maps are ``rec.concepts`` (a ``ConceptMaps``). ``concept_options``: keyword
+            arguments for the probe (``max_sequence_length``, ``heads``, ``layers``, ``steps``, ``budget_bytes``).
     """
 
     def __init__(
@@ -61,6 +65,8 @@ class AttentionRecorder:
         map_budget_bytes: int = 1 << 30,
         layout: TokenLayout | Sequence[TokenLayout] | None = None,
         branches: Sequence[str] | None = None,
+        concepts: Sequence[str] | None = None,
+        concept_options: Mapping[str, Any] | None = None,
     ):
         self.model = model
         tr = resolve_transformer(model)  # validates the model class now
@@ -85,6 +91,8 @@ class AttentionRecorder:
         self.map_budget_bytes = int(map_budget_bytes)
         self.layout = layout
         self.branch_names = tuple(branches) if branches is not None else None
+        self._concept_probe = None if not concepts else ConceptProbe(model, concepts, **dict(concept_options or {}))
+        self._concept_entered = False
         self.estimated_bytes: dict[str, int] = {}
         self._handles: list[Handle] = []
         self._active = False
@@ -111,6 +119,9 @@ class AttentionRecorder:
                 ctl.add_call_listener(self._on_call),
                 ctl.add_observer(self, [s for s in ctl.sites if s.layer in self.layers]),
             ]
+            if self._concept_probe is not None:
+                self._concept_probe.__enter__()
+                self._concept_entered = True
         except BaseException:
             self._teardown()
             raise
@@ -121,6 +132,14 @@ class AttentionRecorder:
         self._teardown()
 
     def _teardown(self) -> None:
+        try:
+            if self._concept_entered:
+                self._concept_entered = False
+                self._concept_probe.__exit__(None, None, None)
+        finally:
+            self._remove_handles()
+
+    def _remove_handles(self) -> None:
         try:
             for h in self._handles:
                 h.remove()
@@ -138,6 +157,11 @@ class AttentionRecorder:
         if self._result is None:
             raise RuntimeError("nothing recorded yet: use the recorder as `with AttentionRecorder(pipe) as rec: pipe(...)`")
         return self._result
+
+    @property
+    def concepts(self) -> ConceptMaps | None:
+        """The concept maps of ``concepts=`` (None without concepts)."""
+        return None if self._concept_probe is None else self._concept_probe.result
 
     def held_bytes(self, *names: str) -> int:
         """Bytes of recorded values held now (of the named statistics, ``"maps"`` for full maps; all by default)."""

@@ -187,6 +187,26 @@ def test_outputs_bitwise_unchanged(pipes, name):
     assert torch.isfinite(cm.raw).all() and torch.isfinite(cm.scores).all()
 
 
+@pytest.mark.parametrize("name", ["sd35", "flux"])
+def test_recorder_concepts_equal_a_probe_beside_it(pipes, name):
+    """``AttentionRecorder(..., concepts=...)`` enters a ConceptProbe with it: ``rec.concepts`` equals the maps of a
+    separate probe beside a plain recorder, the recorded statistics are unchanged, and the probe leaves with it."""
+    pipe = pipes[name]
+    opts = {"max_sequence_length": L}
+    with mp.AttentionRecorder(pipe, words=True) as rec, ConceptProbe(pipe, CONCEPTS, **opts) as cp:
+        a = pipe(PROMPT, generator=torch.manual_seed(0), **run_kwargs(name, 2)).images
+    with mp.AttentionRecorder(pipe, words=True, concepts=CONCEPTS, concept_options=opts) as rec2:
+        b = pipe(PROMPT, generator=torch.manual_seed(0), **run_kwargs(name, 2)).images
+    assert torch.equal(a, b)
+    for field in ("raw", "image_mass", "scores", "output_space"):
+        assert torch.equal(getattr(rec2.concepts, field), getattr(cp.result, field))
+    assert torch.equal(rec.result.mass.values.nan_to_num(7), rec2.result.mass.values.nan_to_num(7))
+    with pytest.raises(ConceptError):
+        mp.AttentionRecorder(pipe, concepts=["!!!"])  # refused when the recorder is built, before any run
+    assert mp.AttentionRecorder(pipe).concepts is None
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model_blocks(pipe))
+
+
 @pytest.mark.parametrize("name,heads", [("sd3", "mean"), ("sd35", "all"), ("flux", "all")])
 def test_maps_equal_fp64_reference(pipes, name, heads):
     pipe, tr = pipes[name], pipes[name].transformer
