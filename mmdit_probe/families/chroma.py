@@ -18,15 +18,13 @@ What differs from Flux.1 (:class:`~.flux.FluxFamily`, whose sites, block order a
 
 from __future__ import annotations
 
-import copy
 
-import numpy as np
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from ..layout import TokenLayout
 from .base import CallInputs, JoinedStream
-from .flux import FluxFamily
+from .flux import FluxFamily, flow_schedule, packed_tokens
 from .flux_processor import FluxProbeProcessor
 from .sd3 import argument
 
@@ -87,14 +85,4 @@ class ChromaFamily(FluxFamily):
     def schedule(self, pipe, steps, height, width):
         """``ChromaPipeline.__call__``'s schedule: sigmas ``linspace(1, 1/n, n)`` always passed (Flux.1 passes None to a
         scheduler with ``use_flow_sigmas``, Chroma does not), ``mu = calculate_shift(packed image tokens)``."""
-        from diffusers.pipelines.chroma.pipeline_chroma import calculate_shift, retrieve_timesteps
-
-        default = pipe.default_sample_size * pipe.vae_scale_factor
-        scale = pipe.vae_scale_factor * 2  # VAE downsampling, then 2×2 packing
-        tokens = (int(height or default) // scale) * (int(width or default) // scale)
-        sch = copy.deepcopy(pipe.scheduler)
-        cfg = sch.config
-        mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        timesteps, _ = retrieve_timesteps(sch, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-        return [float(t) for t in timesteps], [float(s) for s in sch.sigmas], float(mu)
+        return flow_schedule(pipe, steps, packed_tokens(pipe, height, width), sigmas=True)

@@ -96,19 +96,31 @@ class FluxFamily(Family):
 
     def schedule(self, pipe, steps, height, width):
         """``FluxPipeline.__call__``'s schedule: sigmas ``linspace(1, 1/n, n)``, ``mu`` from the packed token count."""
-        default = pipe.default_sample_size * pipe.vae_scale_factor
-        scale = pipe.vae_scale_factor * 2  # VAE downsampling, then 2×2 packing
-        return self.schedule_for_tokens(pipe, steps, (int(height or default) // scale) * (int(width or default) // scale))
+        return self.schedule_for_tokens(pipe, steps, packed_tokens(pipe, height, width))
 
     @staticmethod
     def schedule_for_tokens(pipe, steps: int, image_tokens: int) -> tuple[list[float], list[float], float]:
-        """The schedule for ``image_tokens`` packed image tokens, on a deep copy of ``pipe.scheduler``."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+        """The schedule for ``image_tokens`` packed image tokens (FluxPipeline passes no sigmas to a scheduler with
+        ``use_flow_sigmas``)."""
+        return flow_schedule(pipe, steps, image_tokens, sigmas=not pipe.scheduler.config.get("use_flow_sigmas", False))
 
-        sch = copy.deepcopy(pipe.scheduler)
-        cfg = sch.config
-        sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
-        mu = calculate_shift(image_tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        timesteps, _ = retrieve_timesteps(sch, steps, "cpu", sigmas=sigmas, mu=mu)
-        return [float(t) for t in timesteps], [float(s) for s in sch.sigmas], float(mu)
+
+def packed_tokens(pipe, height: int | None, width: int | None) -> int:
+    """Image tokens of a ``height × width`` call (the pipeline's default size if None): VAE scale, then 2×2 packing."""
+    default = pipe.default_sample_size * pipe.vae_scale_factor
+    scale = pipe.vae_scale_factor * 2
+    return (int(height or default) // scale) * (int(width or default) // scale)
+
+
+def flow_schedule(pipe, steps: int, image_tokens: int, *, sigmas: bool) -> tuple[list[float], list[float], float]:
+    """``(timesteps, sigmas, mu)`` as the Flux-style pipelines set them, on a deep copy of ``pipe.scheduler``:
+    ``mu = calculate_shift(image_tokens)`` and (``sigmas``) the sigmas ``linspace(1, 1/n, n)``."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    sch = copy.deepcopy(pipe.scheduler)
+    cfg = sch.config
+    mu = calculate_shift(image_tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    timesteps, _ = retrieve_timesteps(sch, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps) if sigmas else None,
+                                      mu=mu)
+    return [float(t) for t in timesteps], [float(s) for s in sch.sigmas], float(mu)

@@ -14,14 +14,13 @@ slot), so ``t5_real`` / ``t5_special`` / ``t5_padding`` are Qwen's groups.
 from __future__ import annotations
 
 import codecs
-import copy
 
-import numpy as np
 import torch
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
 from ..layout import TextToken, TokenLayout, _byte_decoder, _label, _Piece
 from .base import CallInputs, Family, Site
+from .flux import flow_schedule, packed_tokens
 from .qwen_processor import QwenProbeProcessor
 from .sd3 import argument
 
@@ -118,17 +117,7 @@ class QwenImageFamily(Family):
     def schedule(self, pipe, steps, height, width):
         """``QwenImagePipeline.__call__``'s schedule: sigmas ``linspace(1, 1/n, n)`` (always passed),
         ``mu = calculate_shift(packed image tokens)``; the transformer receives ``timestep / 1000``."""
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
-
-        default = pipe.default_sample_size * pipe.vae_scale_factor
-        scale = pipe.vae_scale_factor * 2  # VAE downsampling, then 2×2 packing
-        tokens = (int(height or default) // scale) * (int(width or default) // scale)
-        sch = copy.deepcopy(pipe.scheduler)
-        cfg = sch.config
-        mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        timesteps, _ = retrieve_timesteps(sch, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-        return [float(t) for t in timesteps], [float(s) for s in sch.sigmas], float(mu)
+        return flow_schedule(pipe, steps, packed_tokens(pipe, height, width), sigmas=True)
 
 
 def _grid(shapes, n_image: int) -> tuple[int, int]:
