@@ -292,3 +292,20 @@ class JoinedStream(BlockIO):
 
     def pack_attention(self, output, n_text, image, text):
         return join_streams(self.order, image, text)
+
+
+class DoubleSingleBlocks:
+    """Layers of a transformer with ``transformer_blocks`` (double-stream, ``"joint"``) then
+    ``single_transformer_blocks`` (``"single"``), one ``attn`` each (Flux.1, Chroma, Flux.2)."""
+
+    def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+
+    def block_kinds(self, transformer: torch.nn.Module) -> list[str]:
+        return ["joint"] * len(transformer.transformer_blocks) + ["single"] * len(transformer.single_transformer_blocks)
+
+    def sites(self, transformer: torch.nn.Module) -> list[Site]:
+        d = len(transformer.transformer_blocks)
+        return ([Site(i, "attn", "joint", f"transformer_blocks.{i}.attn") for i in range(d)]
+                + [Site(d + j, "attn", "single", f"single_transformer_blocks.{j}.attn")
+                   for j in range(len(transformer.single_transformer_blocks))])

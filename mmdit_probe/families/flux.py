@@ -17,7 +17,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 
 from ..layout import TokenLayout
-from .base import CallInputs, Family, Site
+from .base import CallInputs, DoubleSingleBlocks, Family
 from .flux_processor import FluxProbeProcessor
 from .kontext import is_kontext, kontext_sizes, split_image_ids
 from .sd3 import argument
@@ -25,25 +25,13 @@ from .sd3 import argument
 _ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance")
 
 
-class FluxFamily(Family):
+class FluxFamily(DoubleSingleBlocks, Family):
     name = "flux"
     label = "Flux.1"
     transformer_class = "FluxTransformer2DModel"
     order = ("text", "image")
     text_encoder = "text_encoder_2"  # T5: its last hidden state is the text stream
     tokenizer = "tokenizer_2"
-
-    def blocks(self, transformer):
-        return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-
-    def block_kinds(self, transformer):
-        return ["joint"] * len(transformer.transformer_blocks) + ["single"] * len(transformer.single_transformer_blocks)
-
-    def sites(self, transformer):
-        d = len(transformer.transformer_blocks)
-        return ([Site(i, "attn", "joint", f"transformer_blocks.{i}.attn") for i in range(d)]
-                + [Site(d + j, "attn", "single", f"single_transformer_blocks.{j}.attn")
-                   for j in range(len(transformer.single_transformer_blocks))])
 
     def processor(self, site, controller, original):
         if type(original) is not FluxAttnProcessor:

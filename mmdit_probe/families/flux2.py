@@ -23,7 +23,7 @@ import torch
 from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
 
 from ..context import CallContextError
-from .base import CallInputs, Family, JoinedStream, Site
+from .base import CallInputs, DoubleSingleBlocks, Family, JoinedStream
 from .flux2_layout import chat_ids, chat_layout, prompt_text, text_tokenizer
 from .flux2_processor import Flux2ParallelProbeProcessor, Flux2ProbeProcessor
 from .sd3 import argument
@@ -37,7 +37,7 @@ _PROCESSORS = {"joint": (Flux2AttnProcessor, Flux2ProbeProcessor),
                "single": (Flux2ParallelSelfAttnProcessor, Flux2ParallelProbeProcessor)}
 
 
-class Flux2Family(Family):
+class Flux2Family(DoubleSingleBlocks, Family):
     name = "flux2"
     label = "Flux.2"
     transformer_class = "Flux2Transformer2DModel"
@@ -45,18 +45,6 @@ class Flux2Family(Family):
     text_encoder = "text_encoder"  # Mistral-3: hidden states of HIDDEN_LAYERS, stacked on channels
     tokenizer = "tokenizer"
     has_pooled = False  # the transformer takes no pooled_projections
-
-    def blocks(self, transformer):
-        return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-
-    def block_kinds(self, transformer):
-        return ["joint"] * len(transformer.transformer_blocks) + ["single"] * len(transformer.single_transformer_blocks)
-
-    def sites(self, transformer):
-        d = len(transformer.transformer_blocks)
-        return ([Site(i, "attn", "joint", f"transformer_blocks.{i}.attn") for i in range(d)]
-                + [Site(d + j, "attn", "single", f"single_transformer_blocks.{j}.attn")
-                   for j in range(len(transformer.single_transformer_blocks))])
 
     def block_io(self, transformer, layer):
         if layer >= len(transformer.transformer_blocks):  # single-stream: the joined sequence in, one tensor out
