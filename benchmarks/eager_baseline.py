@@ -36,16 +36,8 @@ class EagerMapsProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
     @classmethod
-    @contextlib.contextmanager
     def installed(cls, transformer):
-        originals = dict(transformer.attn_processors)
-        store: list = []
-        transformer.set_attn_processor({k: cls(store) for k in originals})
-        try:
-            yield store
-        finally:
-            transformer.set_attn_processor(dict(originals))
-            assert all(type(p) is JointAttnProcessor2_0 for p in transformer.attn_processors.values())
+        return _installed(cls, transformer, JointAttnProcessor2_0)
 
 
 class EagerFluxMapsProcessor:
@@ -77,15 +69,20 @@ class EagerFluxMapsProcessor:
         return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(txt)
 
     @classmethod
-    @contextlib.contextmanager
     def installed(cls, transformer):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-        originals = dict(transformer.attn_processors)
-        store: list = []
-        transformer.set_attn_processor({k: cls(store) for k in originals})
-        try:
-            yield store
-        finally:
-            transformer.set_attn_processor(dict(originals))
-            assert all(type(p) is FluxAttnProcessor for p in transformer.attn_processors.values())
+        return _installed(cls, transformer, FluxAttnProcessor)
+
+
+@contextlib.contextmanager
+def _installed(cls, transformer, original_type):
+    """``cls(store)`` in every attention module for the block; the originals (``original_type``) restored after."""
+    originals = dict(transformer.attn_processors)
+    store: list = []
+    transformer.set_attn_processor({k: cls(store) for k in originals})
+    try:
+        yield store
+    finally:
+        transformer.set_attn_processor(dict(originals))
+        assert all(type(p) is original_type for p in transformer.attn_processors.values())
