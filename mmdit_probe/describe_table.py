@@ -129,8 +129,9 @@ def block_rows(pipe: Any, family: Any, order_source: str) -> list[DescriptionRow
         DescriptionRow("transformer", "double-stream blocks", len(tr.transformer_blocks),
                        "len(transformer.transformer_blocks) (joint attention of two streams)"),
     ]
-    if hasattr(tr, "single_transformer_blocks"):
-        rows.append(DescriptionRow("transformer", "single-stream blocks", len(tr.single_transformer_blocks),
+    n_single = kinds.count("single")
+    if n_single:
+        rows.append(DescriptionRow("transformer", "single-stream blocks", n_single,
                                    "len(transformer.single_transformer_blocks) (joined sequence, attention ∥ MLP)"))
     return rows + [
         DescriptionRow("transformer", "block kinds by layer", layer_spans(kinds),
