@@ -16,7 +16,8 @@ from __future__ import annotations
 import codecs
 from typing import Any, Sequence
 
-from ..layout import _BYTE_PIECE, TextToken, TokenLayout, _byte_decoder, _label, _Piece
+from ..layout import TextToken, TokenLayout
+from ..text_tokens import BYTE_PIECE, Piece, byte_decoder, label_pieces
 
 #: Encoder label of the Mistral tokens in :class:`TokenLayout` (its ``t5_*`` groups are this stream's).
 ENCODER = "t5"
@@ -85,7 +86,7 @@ def chat_layout(image_grid: tuple[int, int], ids: Sequence[int], tok: Any, *, or
     tokens = [TextToken(i, ENCODER, "padding" if t == pad else "real" if i in is_real else "special", p, t)
               for i, (t, p) in enumerate(zip(ids, pieces))]
     text = prompt_text(ids, tok) if prompt is None else prompt
-    labelled = _label(tokens, real, _pieces([pieces[i] for i in real], _byte_level(tok)), text)
+    labelled = label_pieces(tokens, real, _pieces([pieces[i] for i in real], _byte_level(tok)), text)
     return TokenLayout(tuple(int(x) for x in image_grid), tuple(labelled), tuple(order), text, True)
 
 
@@ -95,19 +96,19 @@ def _byte_level(tok: Any) -> bool:
     return "ByteLevel(" in repr(decoder)
 
 
-def _pieces(pieces: Sequence[str], byte_level: bool) -> list[_Piece]:
+def _pieces(pieces: Sequence[str], byte_level: bool) -> list[Piece]:
     """Each real piece's characters (byte-level ``Ġ``-style or SentencePiece ``▁``-style), decoded as one
     UTF-8 stream: a character split over pieces belongs to the piece that completes it."""
-    b2u = _byte_decoder()
+    b2u = byte_decoder()
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = []
     for k, piece in enumerate(pieces):
-        byte = _BYTE_PIECE.fullmatch(piece)
+        byte = BYTE_PIECE.fullmatch(piece)
         if byte:
             data = bytes([int(byte[1], 16)])
         elif byte_level:
             data = b"".join(bytes([b2u[c]]) if c in b2u else c.encode("utf-8") for c in piece)
         else:
             data = piece.replace("▁", " ").encode("utf-8")
-        out.append(_Piece(dec.decode(data), k == 0 or data[:1].isspace()))
+        out.append(Piece(dec.decode(data), k == 0 or data[:1].isspace()))
     return out

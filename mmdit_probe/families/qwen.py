@@ -18,7 +18,8 @@ import codecs
 import torch
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
-from ..layout import TextToken, TokenLayout, _byte_decoder, _label, _Piece
+from ..layout import TextToken, TokenLayout
+from ..text_tokens import Piece, byte_decoder, label_pieces
 from .base import CallInputs, Family, Site
 from .flux import flow_schedule, packed_tokens
 from .qwen_processor import QwenProbeProcessor
@@ -162,20 +163,20 @@ def qwen_layout(grid: tuple[int, int], prompt_ids, closing_ids, tokenizer, n_tex
     ids = (list(prompt_ids) + list(closing_ids))[:n_text]
     pieces = tokenizer.convert_ids_to_tokens(ids)
     specials = set(tokenizer.all_special_ids)
-    b2u = _byte_decoder()
+    b2u = byte_decoder()
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     tokens: list[TextToken] = []
     real: list[int] = []
-    texts: list[_Piece] = []
+    texts: list[Piece] = []
     for i, (tid, piece) in enumerate(zip(ids, pieces)):
         kind = "special" if i >= len(prompt_ids) or tid in specials else "real"
         tokens.append(TextToken(i, _ENCODER, kind, piece, tid))
         if kind == "real":
             real.append(i)
             text = dec.decode(bytes(b2u[c] for c in piece if c in b2u))
-            texts.append(_Piece(text, not texts or text[:1].isspace()))
+            texts.append(Piece(text, not texts or text[:1].isspace()))
     tokens += [TextToken(i, _ENCODER, "padding", "", -1) for i in range(len(ids), n_text)]
     if prompt is None:
         prompt = tokenizer.decode(list(prompt_ids))
-    return TokenLayout(tuple(int(x) for x in grid), tuple(_label(tokens, real, texts, prompt)), tuple(order), prompt,
+    return TokenLayout(tuple(int(x) for x in grid), tuple(label_pieces(tokens, real, texts, prompt)), tuple(order), prompt,
                        True)
