@@ -183,3 +183,32 @@ def test_one_negative_prompt_for_a_batch_of_prompts(pipe):
     cond = [lay for b, lay in zip(res.branches, res.layouts) if b == "cond"]
     assert len(uncond) == 2 and all(lay.text == neg.text for lay in uncond)
     assert [lay.prompt for lay in cond] == prompts
+
+
+@pytest.mark.parametrize("fqn,index,layer", [("transformer_blocks", 1, 1), ("single_transformer_blocks", 1, 3)])
+def test_skip_layers_equals_diffusers_layer_skip(pipe, fqn, index, layer):
+    """``SkipLayers`` equals diffusers' own ``LayerSkipConfig`` + ``apply_layer_skip`` bitwise. diffusers' skip hook
+    returns ``(hidden, encoder)``; its block registry says in which order the block returns them, so the reference
+    puts them back in that order (the trap in design.md §11)."""
+    from diffusers.hooks import HookRegistry, LayerSkipConfig, apply_layer_skip
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    block = getattr(pipe.transformer, fqn)[index]
+    meta = TransformerBlockRegistry.get(type(block))
+
+    def reorder(module, args, kwargs, output):
+        out = [None, None]
+        out[meta.return_hidden_states_index], out[meta.return_encoder_hidden_states_index] = output
+        return tuple(out)
+
+    apply_layer_skip(pipe.transformer, LayerSkipConfig(indices=[index], fqn=fqn))
+    h = block.register_forward_hook(reorder, with_kwargs=True)
+    try:
+        reference = pipe(PROMPT, generator=torch.manual_seed(0), **KW).images
+    finally:
+        h.remove()
+        HookRegistry.check_if_exists_or_initialize(pipe.transformer).remove_hook("layer_skip_hook", recurse=True)
+    with mp.intervene(pipe, mp.SkipLayers([layer])):
+        out = pipe(PROMPT, generator=torch.manual_seed(0), **KW).images
+    assert torch.equal(out, reference)
+    assert not torch.equal(out, pipe(PROMPT, generator=torch.manual_seed(0), **KW).images)
