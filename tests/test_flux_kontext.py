@@ -192,3 +192,39 @@ def test_bad_input_names_the_fix():
     ids[5, 2] = 7  # not a grid
     with pytest.raises(ValueError, match="row-major grid"):
         split_image_ids(ids)
+
+
+def _kontext_identity(module, args, kwargs, output):
+    """The block returns its inputs, in its own (encoder_hidden_states, hidden_states) order."""
+    return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+
+
+@pytest.mark.parametrize("layer", [1, 2])  # a double-stream and a single-stream block
+def test_skip_layers_on_kontext_equals_identity_block(pipe, image, layer):
+    block = (list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks))[layer]
+    h = block.register_forward_hook(_kontext_identity, with_kwargs=True)
+    try:
+        reference = pipe(image=image, prompt=PROMPT, generator=torch.manual_seed(0), **KW).images
+    finally:
+        h.remove()
+    with mp.intervene(pipe, mp.SkipLayers([layer])):
+        out = pipe(image=image, prompt=PROMPT, generator=torch.manual_seed(0), **KW).images
+    assert torch.equal(out, reference)
+    assert not torch.equal(out, pipe(image=image, prompt=PROMPT, generator=torch.manual_seed(0), **KW).images)
+
+
+def test_knock_out_on_kontext_covers_the_context_tokens(pipe, image):
+    """``KnockOut("image->text")`` counts the context tokens as image: under it, both the generated image's and the
+    context image's queries put exactly 0 on the text (ContextMass, from the q/k the kernel receives), the text's
+    queries still see everything, and the output changes."""
+    plain = pipe(image=image, prompt=PROMPT, generator=torch.manual_seed(0), **KW).images
+    with mp.intervene(pipe, mp.KnockOut("image->text", layers=[0, 2])), \
+            mp.AttentionRecorder(pipe, statistics=[ContextMass()], layout=_layout(pipe, image)) as rec:
+        out = pipe(image=image, prompt=PROMPT, generator=torch.manual_seed(0), **KW).images
+    cm = rec.result.stat("context_mass").values[:, :, 0, 0]  # [step, layer, head, query, key] over STREAM_GROUPS
+    q = {g: i for i, g in enumerate(STREAM_GROUPS)}
+    for group in ("image", "context"):
+        assert (cm[:, [0, 2], :, q[group], q["text"]] == 0).all()
+        assert (cm[:, [1, 3], :, q[group], q["text"]] > 0).all()
+    assert (cm[:, :, :, q["text"], q["context"]] > 0).all()
+    assert not torch.equal(out, plain)
