@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 @contextlib.contextmanager
 def kernel_inputs(transformer, masks: bool = False):
-    """Every ``(q, k)`` ``[B, H, S, D]`` (with ``masks``: ``(q, k, attn_mask)``) the attention kernel
+    """Every ``(q, k)`` ``[B, H, S, D]`` (with ``masks``: ``(q, k, attn_mask or None)``) the attention kernel
     (``F.scaled_dot_product_attention``) receives inside ``transformer``'s forward (the text encoders use it too)."""
     seen, active = [], {"on": False}
     real = F.scaled_dot_product_attention
@@ -27,7 +27,8 @@ def kernel_inputs(transformer, masks: bool = False):
             k = kwargs.get("key", args[1] if len(args) > 1 else None)
             item = (q.detach().clone(), k.detach().clone())
             if masks:
-                item += (kwargs["attn_mask"].detach().clone(),)
+                mask = kwargs.get("attn_mask")
+                item += (None if mask is None else mask.detach().clone(),)
             seen.append(item)
         return real(*args, **kwargs)
 

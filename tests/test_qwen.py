@@ -17,13 +17,13 @@ from unittest import mock
 import diffusers.models.transformers.transformer_qwenimage as qwen_module
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, LayerSkipConfig, apply_layer_skip
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
 import mmdit_probe as mp
+from reference import kernel_inputs as reference_kernel_inputs
 from mmdit_probe.families import resolve_family
 from mmdit_probe.layout import KEY_GROUPS, WordTruncatedError
 from mmdit_probe.tiny_qwen import QWEN_TEMPLATE, tiny_qwen_image_pipeline
@@ -43,30 +43,14 @@ def run(pipe, prompt=PROMPT, **kw):
     return pipe(prompt, generator=torch.manual_seed(0), **{**KW, **kw}).images
 
 
-@contextlib.contextmanager
 def kernel_inputs(transformer):
-    """Every ``(q, k, keep)`` the attention kernel receives inside the transformer's forward: ``q, k [B, H, S, D]``,
-    ``keep [B, S]`` (True = attended; all True without a mask)."""
-    seen, active = [], {"on": False}
-    real = F.scaled_dot_product_attention
+    """Every ``(q, k, attn_mask)`` the attention kernel receives inside the transformer's forward."""
+    return reference_kernel_inputs(transformer, masks=True)
 
-    def spy(*args, **kwargs):
-        if active["on"]:
-            q = kwargs.get("query", args[0] if args else None)
-            k = kwargs.get("key", args[1] if len(args) > 1 else None)
-            mask = kwargs.get("attn_mask")
-            keep = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool) if mask is None else mask[:, 0, 0].clone()
-            seen.append((q.detach().clone(), k.detach().clone(), keep))
-        return real(*args, **kwargs)
 
-    hooks = [transformer.register_forward_pre_hook(lambda *a: active.__setitem__("on", True)),
-             transformer.register_forward_hook(lambda *a: active.__setitem__("on", False))]
-    try:
-        with mock.patch("torch.nn.functional.scaled_dot_product_attention", spy):
-            yield seen
-    finally:
-        for h in hooks:
-            h.remove()
+def keep_of(q, k, mask) -> torch.Tensor:
+    """``[B, S_k]`` bool: the keys the kernel's key mask keeps (all without a mask)."""
+    return torch.ones(q.shape[0], k.shape[2], dtype=torch.bool) if mask is None else mask[:, 0, 0]
 
 
 def probabilities(q, k, keep) -> torch.Tensor:
@@ -113,7 +97,8 @@ def test_recording_is_exact_and_bitwise(pipe):
     assert res.mass.aux["block_kind"][1] == ("joint",) * N_LAYERS and res.branches == ("cond",)
     lay = res.layouts[0]
     assert lay.order == ("text", "image") == mp.joint_order(pipe) and lay.n_text == 8 + 5 and lay.n_image == 80
-    for i, (q, k, keep) in enumerate(seen):
+    for i, (q, k, mask) in enumerate(seen):
+        keep = keep_of(q, k, mask)
         assert keep.all() and q.shape[2] == lay.n_tokens  # one prompt: no padding, no mask
         step, layer = divmod(i, N_LAYERS)
         check_row(res, step, layer, 0, probabilities(q, k, keep)[0], lay)
@@ -130,7 +115,8 @@ def test_padded_batch_statistics_are_over_unmasked_keys(pipe):
     short, long = res.layouts
     assert [lay.prompt for lay in res.layouts] == prompts and short.n_text == long.n_text == 13
     assert [t.kind for t in short.text] == ["real"] * 2 + ["special"] * 5 + ["padding"] * 6
-    for i, (q, k, keep) in enumerate(seen):
+    for i, (q, k, mask) in enumerate(seen):
+        keep = keep_of(q, k, mask)
         assert keep[0, :13].tolist() == [True] * 7 + [False] * 6 and keep[1].all()  # the pipeline's mask
         P = probabilities(q, k, keep)
         step, layer = divmod(i, N_LAYERS)
@@ -346,7 +332,8 @@ def test_padded_batch_on_cuda(dtype):
         out = pipe([SHORT, PROMPT], **kw).images
     assert torch.equal(out, base)
     n_text = rec.result.layouts[0].n_text
-    for i, (q, k, keep) in enumerate(seen):
+    for i, (q, k, mask) in enumerate(seen):
+        keep = keep_of(q, k, mask)
         P = probabilities(q, k, keep.to(q.device))
         got = rec.result.mass.values[divmod(i, N_LAYERS) + (0,)].double()  # [batch, H, query, key]
         ref = P[:, :, n_text:, :n_text].sum(-1).mean(-1)  # image->text

@@ -1,14 +1,9 @@
 """Studies over prompt sets (mmdit_probe.study): streaming aggregation, bootstrap, prompt files, resume,
 the CLI, and 2-process ``accelerate launch`` runs that must equal a single-process run exactly."""
 
-import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from launching import env, kill_rank1_midway, launch, read_log
 import mmdit_probe as mp
 from mmdit_probe.study import (PromptFileError, RunningMoments, ShardError, Study, bootstrap_mean, generate_prompts,
                                load_prompts, shipped_prompts, study)
@@ -336,7 +332,7 @@ def test_cli_registered_if_present():
     if "study" not in SUBCOMMANDS:
         pytest.skip("`study` is not registered in mmdit_probe.cli yet")
     out = subprocess.run([sys.executable, "-m", "mmdit_probe", "study", "--help"], capture_output=True, text=True,
-                         cwd=ROOT, env=_env(), timeout=120)
+                         cwd=ROOT, env=env(), timeout=120)
     assert out.returncode == 0 and "--prompts" in out.stdout
 
 
@@ -378,29 +374,6 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
-                "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
-    env.pop("WORLD_SIZE", None)
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(n: int) -> list[str]:
-    """``accelerate launch`` on ``n`` CPU processes. (``--cpu`` alone starts one process: accelerate's simple
-    launcher; ``--multi_gpu`` + ``ACCELERATE_USE_CPU=1`` starts ``n`` with the gloo backend.)"""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port())]
-
-
 @pytest.fixture(scope="module")
 def script(tmp_path_factory):
     path = tmp_path_factory.mktemp("driver") / "study_driver.py"
@@ -413,7 +386,7 @@ def reference(script, tmp_path_factory):
     """The study on one process (plain python, not launched)."""
     out = tmp_path_factory.mktemp("one") / "out"
     r = subprocess.run([sys.executable, str(script), *CLI_STUDY, "--out", str(out)], capture_output=True, text=True,
-                       env=_env(), cwd=ROOT, timeout=300)
+                       env=env(), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in (out / "shards").glob("*.npz")] == ["shard-000-of-001.npz"]
     return out
@@ -433,8 +406,8 @@ def _same_study(a: Path, b: Path) -> None:
 
 def test_accelerate_two_processes_equal_one(script, reference, tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([*_launch(2), str(script), *CLI_STUDY, "--out", str(out)], capture_output=True, text=True,
-                       env=_env(), cwd=ROOT, timeout=300)
+    r = subprocess.run([*launch(2), str(script), *CLI_STUDY, "--out", str(out)], capture_output=True, text=True,
+                       env=env(), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     shards = sorted(p.name for p in (out / "shards").glob("*.npz"))
     assert shards == ["shard-000-of-002.npz", "shard-001-of-002.npz"]
@@ -442,46 +415,13 @@ def test_accelerate_two_processes_equal_one(script, reference, tmp_path):
     _same_study(reference, out)
 
 
-def _read_log(path: Path) -> list[tuple[str, object]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        kind, _, value = line.partition("\t")
-        try:
-            out.append((kind, json.loads(value)))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return out
-
-
 def test_kill_one_rank_then_resume(script, reference, tmp_path):
     out, logs1, logs2 = tmp_path / "out", tmp_path / "log1", tmp_path / "log2"
     logs1.mkdir()
     logs2.mkdir()
     prompts = shipped_prompts().head(5)["prompt"].tolist()
-    proc = subprocess.Popen([*_launch(2), str(script), *CLI_STUDY, "--out", str(out)], env=_env(
-        STUDY_LOG=str(logs1), STUDY_SLOW="0.4"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True)
-    killed = None
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            events = _read_log(logs1 / "rank1.log")
-            pid = next((v for k, v in events if k == "pid"), None)
-            persisted = [v for k, v in events if k == "persisted"]
-            if pid and persisted and len(persisted[-1]) >= 3:
-                os.kill(pid, signal.SIGKILL)  # kill -9 of rank 1, mid-way through its 8 runs
-                killed = pid
-                break
-            time.sleep(0.02)
-        assert killed, "rank 1 never got to 3 finished runs, or the launch ended first"
-        output = proc.communicate(timeout=240)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode != 0, output[-2000:]
+    kill_rank1_midway([*launch(2), str(script), *CLI_STUDY, "--out", str(out)],
+                      env(STUDY_LOG=str(logs1), STUDY_SLOW="0.4"), logs1)
     assert not (out / "study.npz").exists()
 
     def unit(p, seed, i):
@@ -494,13 +434,13 @@ def test_kill_one_rank_then_resume(script, reference, tmp_path):
     finished = {unit(*u) for done in held for u in done}
     assert 3 <= len(held[1]) < 8, held[1]  # rank 1 (prompts 3 and 4: 8 runs) died mid-way
     for rank in (0, 1):  # every write the driver saw complete is in the shard
-        writes = [v for k, v in _read_log(logs1 / f"rank{rank}.log") if k == "persisted"]
+        writes = [v for k, v in read_log(logs1 / f"rank{rank}.log") if k == "persisted"]
         assert not writes or {tuple(u) for u in writes[-1]} <= held[rank]
 
-    r = subprocess.run([*_launch(2), str(script), *CLI_STUDY, "--out", str(out), "--resume"], capture_output=True,
-                       text=True, env=_env(STUDY_LOG=str(logs2)), cwd=ROOT, timeout=300)
+    r = subprocess.run([*launch(2), str(script), *CLI_STUDY, "--out", str(out), "--resume"], capture_output=True,
+                       text=True, env=env(STUDY_LOG=str(logs2)), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    ran_again = [tuple(v) for rank in (0, 1) for k, v in _read_log(logs2 / f"rank{rank}.log") if k == "ran"]
+    ran_again = [tuple(v) for rank in (0, 1) for k, v in read_log(logs2 / f"rank{rank}.log") if k == "ran"]
     assert len(ran_again) == len(set(ran_again))
     assert not set(ran_again) & finished  # nothing finished before is redone
     assert set(ran_again) | finished == {(p, s, name) for p in prompts for s in (0, 1) for name in SETTINGS}
@@ -515,7 +455,7 @@ def test_accelerate_module_entry_when_registered(reference, tmp_path):
     if "study" not in SUBCOMMANDS:
         pytest.skip("`study` is not registered in mmdit_probe.cli yet")
     out = tmp_path / "out"
-    r = subprocess.run([*_launch(2), "-m", "mmdit_probe", "study", *CLI_STUDY, "--out", str(out)], capture_output=True,
-                       text=True, env=_env(), cwd=ROOT, timeout=300)
+    r = subprocess.run([*launch(2), "-m", "mmdit_probe", "study", *CLI_STUDY, "--out", str(out)], capture_output=True,
+                       text=True, env=env(), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     _same_study(reference, out)

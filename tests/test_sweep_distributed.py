@@ -4,18 +4,15 @@ resumes without redoing the runs its shard holds."""
 
 import importlib
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+
+from launching import env, kill_rank1_midway, launch, read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red circle", "a blue square"]
@@ -64,30 +61,6 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
-                "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(n: int) -> list[str]:
-    """``accelerate launch`` on ``n`` CPU processes (``--multi_gpu`` + ``ACCELERATE_USE_CPU=1``: gloo; ``--cpu``
-    alone would start one process)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port())]
-
-
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
     path = tmp_path_factory.mktemp("driver") / "sweep_driver.py"
@@ -124,8 +97,8 @@ def _same_sweep(a: Path, b: Path) -> None:
 
 def test_two_processes_equal_one(driver, reference, tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([*_launch(2), "-m", "mmdit_probe", *ARGS, "--out", str(out)], capture_output=True, text=True,
-                       env=_env(), cwd=ROOT, timeout=300)
+    r = subprocess.run([*launch(2), "-m", "mmdit_probe", *ARGS, "--out", str(out)], capture_output=True, text=True,
+                       env=env(), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "16 run now, 0 skipped (finished before), 0 failed" in r.stdout
     _same_sweep(reference, out)
@@ -136,45 +109,12 @@ def test_two_processes_equal_one(driver, reference, tmp_path):
     assert _runs(reference / "sweep.csv") == ALL
 
 
-def _read_log(path: Path) -> list[tuple[str, object]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        kind, _, value = line.partition("\t")
-        try:
-            out.append((kind, json.loads(value)))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return out
-
-
 def test_kill_one_rank_then_resume(driver, reference, tmp_path, monkeypatch):
     out, logs1, logs2 = tmp_path / "out", tmp_path / "log1", tmp_path / "log2"
     logs1.mkdir()
     logs2.mkdir()
-    proc = subprocess.Popen([*_launch(2), str(driver), *ARGS, "--out", str(out)],
-                            env=_env(SWEEP_LOG=str(logs1), SWEEP_SLOW="0.4"), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    killed = None
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            events = _read_log(logs1 / "rank1.log")
-            pid = next((v for k, v in events if k == "pid"), None)
-            persisted = [v for k, v in events if k == "persisted"]
-            if pid and persisted and len(persisted[-1]) >= 3:
-                os.kill(pid, signal.SIGKILL)  # kill -9 of rank 1, mid-way through its 8 runs
-                killed = pid
-                break
-            time.sleep(0.02)
-        assert killed, "rank 1 never got to 3 saved runs, or the launch ended first"
-        output = proc.communicate(timeout=240)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode != 0, output[-2000:]
+    kill_rank1_midway([*launch(2), str(driver), *ARGS, "--out", str(out)],
+                      env(SWEEP_LOG=str(logs1), SWEEP_SLOW="0.4"), logs1)
     assert not (out / "sweep.csv").exists()  # nothing merged
 
     # what the shards on disk hold is what counts as finished (each rank's last complete atomic write)
@@ -182,13 +122,13 @@ def test_kill_one_rank_then_resume(driver, reference, tmp_path, monkeypatch):
     finished = held[0] | held[1]
     assert 3 <= len(held[1]) < 8, held[1]
     for rank in (0, 1):  # every write the driver saw complete is in the shard
-        writes = [v for k, v in _read_log(logs1 / f"rank{rank}.log") if k == "persisted"]
+        writes = [v for k, v in read_log(logs1 / f"rank{rank}.log") if k == "persisted"]
         assert writes and {tuple(u) for u in writes[-1]} <= held[rank]
 
-    r = subprocess.run([*_launch(2), str(driver), *ARGS, "--out", str(out), "--resume"], capture_output=True,
-                       text=True, env=_env(SWEEP_LOG=str(logs2)), cwd=ROOT, timeout=300)
+    r = subprocess.run([*launch(2), str(driver), *ARGS, "--out", str(out), "--resume"], capture_output=True,
+                       text=True, env=env(SWEEP_LOG=str(logs2)), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    ran_again = [tuple(v) for rank in (0, 1) for k, v in _read_log(logs2 / f"rank{rank}.log") if k == "ran"]
+    ran_again = [tuple(v) for rank in (0, 1) for k, v in read_log(logs2 / f"rank{rank}.log") if k == "ran"]
     assert len(ran_again) == len(set(ran_again))
     assert not set(ran_again) & finished  # nothing finished before is redone
     assert set(ran_again) | finished == ALL
