@@ -25,7 +25,7 @@ from .describe_flux import flux_rows
 from .describe_flux2 import flux2_rows
 from .describe_qwen import qwen_rows
 from .describe_table import (COLUMNS, Description, DescriptionRow, call_default, component_rows, encoder_device,
-                             format_value, run_default)
+                             format_value, run_default, run_size)
 from .families import resolve_family
 from .steps import schedule
 
@@ -211,11 +211,8 @@ def describe(
             f"({family.label}) is recorded and ablated like them, but its anatomy table is not written yet. Use "
             f"mp.prompt_layout(pipe, prompt).describe() for its token layout"
         )
-    f = pipe.vae_scale_factor
-    height = int(height or pipe.default_sample_size * f)
-    width = int(width or pipe.default_sample_size * f)
-    length, length_source = run_default(pipe, "max_sequence_length", max_sequence_length)
-    steps, steps_source = run_default(pipe, "num_inference_steps", num_inference_steps)
+    height, width, (length, length_source), (steps, steps_source) = run_size(
+        pipe, height, width, max_sequence_length, num_inference_steps)
     text = _text_rows(pipe, prompt, length, length_source)
     n_text = next(r.value for r in text if r.item == "joint text length")
     rows = component_rows(pipe) + text + _image_rows(pipe, height, width, n_text)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .describe_table import (DescriptionRow, block_rows, call_default, component_rows, encoder_device, run_default,
+from .describe_table import (DescriptionRow, block_rows, call_default, component_rows, encoder_device, run_size,
                              run_value, schedule_rows)
 from .families import FluxFamily, prompt_layout, resolve_family
 from .families.kontext import is_kontext, kontext_sizes
@@ -149,11 +149,8 @@ def _run_rows(pipe: Any, steps: int, steps_source: str, length: int, length_sour
 def flux_rows(pipe: Any, prompt: str | None = None, height: int | None = None, width: int | None = None,
               max_sequence_length: int | None = None, num_inference_steps: int | None = None) -> list[DescriptionRow]:
     """The rows of :func:`mmdit_probe.describe` for a Flux.1 / Kontext pipeline (sections :data:`FLUX_SECTIONS`)."""
-    f = pipe.vae_scale_factor
-    height = int(height or pipe.default_sample_size * f)
-    width = int(width or pipe.default_sample_size * f)
-    length, length_source = run_default(pipe, "max_sequence_length", max_sequence_length)
-    steps, steps_source = run_default(pipe, "num_inference_steps", num_inference_steps)
+    height, width, (length, length_source), (steps, steps_source) = run_size(
+        pipe, height, width, max_sequence_length, num_inference_steps)
     text = _text_rows(pipe, prompt, length, length_source)
     image = packed_image_rows(pipe, height, width, length)
     tokens = next(r.value for r in image if r.item == "image tokens")

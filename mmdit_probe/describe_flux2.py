@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .describe_table import DescriptionRow, block_rows, component_rows, run_default, run_value, schedule_rows
+from .describe_table import DescriptionRow, block_rows, component_rows, run_size, run_value, schedule_rows
 from .families import prompt_layout, resolve_family
 
 __all__ = ["FLUX2_SECTIONS", "flux2_rows"]
@@ -111,11 +111,8 @@ def flux2_rows(pipe: Any, prompt: str | None = None, height: int | None = None, 
         raise NotImplementedError(f"describe() reads Flux2Pipeline; {type(pipe).__name__} (Klein: Qwen3 text, separate "
                                   "uncond calls) is not described yet")
     family = resolve_family(pipe)
-    f = pipe.vae_scale_factor
-    height = int(height or pipe.default_sample_size * f)
-    width = int(width or pipe.default_sample_size * f)
-    length, length_source = run_default(pipe, "max_sequence_length", max_sequence_length)
-    steps, steps_source = run_default(pipe, "num_inference_steps", num_inference_steps)
+    height, width, (length, length_source), (steps, steps_source) = run_size(
+        pipe, height, width, max_sequence_length, num_inference_steps)
     layers, layers_source = run_value(pipe, "text_encoder_out_layers")
     image = _image_rows(pipe, height, width, length)
     tokens = next(r.value for r in image if r.item == "image tokens")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .describe_table import DescriptionRow, block_rows, component_rows, run_default, run_value, schedule_rows
+from .describe_table import DescriptionRow, block_rows, component_rows, run_size, run_value, schedule_rows
 from .families import prompt_layout, resolve_family
 from .families.qwen import _closing_ids
 
@@ -120,11 +120,8 @@ def qwen_rows(pipe: Any, prompt: str | None = None, height: int | None = None, w
     if not isinstance(pipe, QwenImagePipeline):
         raise NotImplementedError(f"describe() reads QwenImagePipeline; {type(pipe).__name__} (edit / layered: context "
                                   "images in the text and image streams) is not described yet")
-    f = pipe.vae_scale_factor
-    height = int(height or pipe.default_sample_size * f)
-    width = int(width or pipe.default_sample_size * f)
-    length, length_source = run_default(pipe, "max_sequence_length", max_sequence_length)
-    steps, steps_source = run_default(pipe, "num_inference_steps", num_inference_steps)
+    height, width, (length, length_source), (steps, steps_source) = run_size(
+        pipe, height, width, max_sequence_length, num_inference_steps)
     text, n_text = _text_rows(pipe, prompt, length, length_source)
     image = _image_rows(pipe, height, width, n_text)
     grid = next(r.value for r in image if r.item == "patch grid")

@@ -93,6 +93,15 @@ def call_default(pipe: Any, name: str) -> Any:
     return inspect.signature(type(pipe).__call__).parameters[name].default
 
 
+def run_size(pipe: Any, height: int | None, width: int | None, max_sequence_length: int | None,
+             num_inference_steps: int | None) -> tuple[int, int, tuple[int, str], tuple[int, str]]:
+    """``(height, width, (length, source), (steps, source))`` of a described run: the sizes given, else the
+    pipeline's default image size; run keywords as :func:`run_default` reads them."""
+    default = pipe.default_sample_size * pipe.vae_scale_factor
+    return (int(height or default), int(width or default), run_default(pipe, "max_sequence_length", max_sequence_length),
+            run_default(pipe, "num_inference_steps", num_inference_steps))
+
+
 def run_default(pipe: Any, name: str, given: int | None = None) -> tuple[int, str]:
     """``(value, source)`` of run keyword ``name``: ``given``, else the pipeline's shipped run kwargs
     (``pipe.shipped_run_kwargs``, as ``default_run_kwargs(pipe)``), else the ``pipe(...)`` default."""
