@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from .families.kontext import ImageIds, kontext_layout, kontext_sizes, split_image_ids
-from .layout import normalise_word
+from .result import word_values
 from .stats.context_group import STREAM_GROUPS, ContextMass, ContextWordMap
 
 __all__ = ["STREAM_GROUPS", "ContextMass", "ContextWordMap", "ImageIds", "context_table", "context_word_map",
@@ -41,19 +41,7 @@ def context_word_map(res: Any, word: str, *, step: int | Sequence[int] | None = 
     ``head="all"``). Steps/layers given as a list or None (all) are averaged. ``grid``: the context grid, when
     the result's layouts do not carry it (recorded without ``layout=kontext_layout(...)``, or loaded from a file).
     """
-    st = res.stat("context_word_map")
-    w = normalise_word(word)
-    if w not in st.labels("word"):
-        raise KeyError(f"word {word!r} was not recorded; recorded words: {', '.join(st.labels('word'))}")
-    st = st.sel(word=w, attention="attn")
-    for dim, val in (("step", step), ("layer", layer), ("batch", batch)):
-        if val is not None:
-            st = st.sel(**{dim: val})
-    st = st.mean(*[d for d in ("step", "layer") if d in st.dims])
-    vals = st.values
-    if "head" in st.dims:
-        axis = st.dims.index("head")
-        vals = torch.nanmean(vals, dim=axis) if head == "mean" else vals if head == "all" else vals.select(axis, int(head))
+    vals = word_values(res.stat("context_word_map"), word, step=step, layer=layer, head=head, batch=batch)
     if grid is None:
         grid = next((lay.context_grid for lay in res.layouts if lay is not None and lay.context_grid), None)
     if grid is None or grid[0] * grid[1] != vals.shape[-1]:

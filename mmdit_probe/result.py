@@ -171,22 +171,8 @@ class AttentionResult:
                  attention: str = "attn", head: int | str = "mean", batch: int | Sequence[int] | None = None) -> torch.Tensor:
         """Image→``word`` attention over the image grid: ``[batch, h, w]`` (or ``[batch, head, h, w]``
         with ``head="all"``). Steps/layers given as a list or None (all) are averaged."""
-        st = self.stat("word_map")
-        w = normalise_word(word)
-        if w not in st.labels("word"):
-            raise KeyError(f"word {word!r} was not recorded; recorded words: {', '.join(st.labels('word'))}")
-        st = st.sel(word=w, attention=attention)
-        for dim, val in (("step", step), ("layer", layer), ("batch", batch)):
-            if val is not None:
-                st = st.sel(**{dim: val})
-        st = st.mean(*[d for d in ("step", "layer") if d in st.dims])
-        vals = st.values
-        if "head" in st.dims:
-            head_axis = st.dims.index("head")
-            if head == "mean":
-                vals = torch.nanmean(vals, dim=head_axis)
-            elif head != "all":
-                vals = vals.select(head_axis, int(head))
+        vals = word_values(self.stat("word_map"), word, step=step, layer=layer, attention=attention, head=head,
+                           batch=batch)
         if self.image_grid is None:
             raise ValueError("this result has no image grid in its metadata (meta['image_grid']), so word maps cannot be "
                              "laid out as images; use res.stat('word_map') for the flat [..., image_token] values")
@@ -230,3 +216,27 @@ def _select_maps(maps: dict, meta: dict, selection: dict) -> tuple[dict, dict]:
         if t.shape[0] and t.shape[1]:
             out[key], out_meta[key] = t, m
     return out, out_meta
+
+
+def word_values(st: Stat, word: str, *, step: int | Sequence[int] | None = None,
+                layer: int | Sequence[int] | None = None, attention: str = "attn", head: int | str = "mean",
+                batch: int | Sequence[int] | None = None) -> torch.Tensor:
+    """One word's values of a word-map statistic (``word_map``, ``context_word_map``): ``[batch, token]``
+    (``[batch, head, token]`` with ``head="all"``; an int picks one head). Steps/layers given as a list or None
+    (all) are averaged."""
+    w = normalise_word(word)
+    if w not in st.labels("word"):
+        raise KeyError(f"word {word!r} was not recorded; recorded words: {', '.join(st.labels('word'))}")
+    st = st.sel(word=w, attention=attention)
+    for dim, val in (("step", step), ("layer", layer), ("batch", batch)):
+        if val is not None:
+            st = st.sel(**{dim: val})
+    st = st.mean(*[d for d in ("step", "layer") if d in st.dims])
+    vals = st.values
+    if "head" in st.dims:
+        head_axis = st.dims.index("head")
+        if head == "mean":
+            vals = torch.nanmean(vals, dim=head_axis)
+        elif head != "all":
+            vals = vals.select(head_axis, int(head))
+    return vals
