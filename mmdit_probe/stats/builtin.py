@@ -100,13 +100,23 @@ class GroupMass(Statistic):
     def coords(self):
         return {"query": QUERY_GROUPS, "key_group": KEY_GROUPS}
 
+    def __init__(self):
+        self._onehot: torch.Tensor | None = None  # this transformer call's [B, n_text, G] group matrix
+
     def begin(self, context: CallContext) -> None:
-        for r in range(context.batch):
-            context.layout(r)  # group masses need every row's layout: a clear error before compute
+        """Build the call's group matrix once for all its attention calls; every row needs its layout (a clear
+        error before compute)."""
+        onehot = torch.zeros(context.batch, context.n_text, len(KEY_GROUPS) - 1)
+        for row in range(context.batch):
+            lay = context.layout(row)
+            start = lay.text_slice.start
+            for gi, group in enumerate(KEY_GROUPS[1:]):
+                onehot[row, [p - start for p in lay.group_positions(group)], gi] = 1.0
+        self._onehot = onehot
 
     def compute(self, call, q, k, v, lse):
         """Image-key mass from the LSEs; text-group masses from one chunked ``q·k_textᵀ`` pass (text keys
-        only, never ``N×N``) summed into the groups by a per-row one-hot matrix."""
+        only, never ``N×N``) summed into the groups by the call's per-row one-hot matrix."""
         B, H = q.shape[:2]
         img, txt = call.image_slice, call.text_slice
         to_image, _ = _masses(call, q, k, lse)
@@ -115,24 +125,12 @@ class GroupMass(Statistic):
         if not call.n_text:
             return out
         out[:, :, 1, 0] = to_image[..., txt].mean(-1)
-        per_query = text_key_sums(q, k[:, :, txt], lse, call.scale, self._onehot(call, q.device))  # [B, H, N, G]
+        if self._onehot.device != q.device:  # once per transformer call
+            self._onehot = self._onehot.to(q.device)
+        per_query = text_key_sums(q, k[:, :, txt], lse, call.scale, self._onehot)  # [B, H, N, G]
         out[:, :, 0, 1:] = per_query[:, :, img].mean(-2)
         out[:, :, 1, 1:] = per_query[:, :, txt].mean(-2)
         return out
-
-    @staticmethod
-    def _onehot(call, device) -> torch.Tensor:
-        """``[B, n_text, G]``: 1 where text position ``t`` (within the text stream) of row ``b`` is in group ``g``."""
-        layouts = call.context.layouts or []
-        onehot = torch.zeros(len(layouts), call.n_text, len(KEY_GROUPS) - 1)
-        start = call.text_slice.start
-        for row, lay in enumerate(layouts):
-            if lay is None:
-                raise CallContextError(f"batch row {row} has no token layout (the pipeline was given embeddings for it)")
-            for gi, group in enumerate(KEY_GROUPS[1:]):
-                pos = [p - start for p in lay.group_positions(group)]
-                onehot[row, pos, gi] = 1.0
-        return onehot.to(device)
 
 
 def text_key_sums(q: torch.Tensor, k_text: torch.Tensor, lse: torch.Tensor, scale: float,
